@@ -1,0 +1,35 @@
+"""mrivq: vector-quantized autoencoders and volumetric PixelCNN priors for MRI, on MONAI.
+
+Public API (imported lazily so ``mrivq --help`` stays fast):
+
+- :class:`mrivq.VQVAE` — 2D/3D quantized autoencoder (``encode_indices``, ``decode_indices``).
+- :class:`mrivq.GatedPixelCNN` — masked-convolution prior over code grids, 2D/3D, no blind spot.
+- :func:`mrivq.sample_tokens` — reference and cached incremental samplers.
+- :func:`mrivq.load_run` — a trained run's models together with its preprocessing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "VQVAE": ("mrivq.models.vqvae", "VQVAE"),
+    "VectorQuantizerEMA": ("mrivq.models.quantizer", "VectorQuantizerEMA"),
+    "GatedPixelCNN": ("mrivq.models.pixelcnn", "GatedPixelCNN"),
+    "sample_tokens": ("mrivq.sampling", "sample_tokens"),
+    "load_run": ("mrivq.runs", "load_run"),
+    "MrivqError": ("mrivq.errors", "MrivqError"),
+}
+
+__all__ = list(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(mod), attr)
+    raise AttributeError(f"module 'mrivq' has no attribute {name!r}")

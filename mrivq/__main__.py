@@ -1,0 +1,3 @@
+from mrivq.cli import main
+
+main()
