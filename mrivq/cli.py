@@ -1,0 +1,329 @@
+"""The ``mrivq`` command line: a thin typer layer over the library.
+
+Every command parses its options, calls one library function and prints the result with rich.
+User errors (:class:`mrivq.errors.MrivqError`) become one line on stderr and exit code 2; the
+traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mrivq import __version__
+from mrivq.errors import MrivqError
+from mrivq.paths import resolve_root
+from mrivq.progress import Progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Vector-quantized autoencoders and PixelCNN priors for MRI, on MONAI.")
+datasets_app = typer.Typer(help="List the dataset catalogue, or show one card.")
+app.add_typer(datasets_app, name="datasets")
+out = Console()
+err = Console(stderr=True)
+
+RootOpt = typer.Option(None, "--root", help="Data root (default: $MRIVQ_DATA, else a per-user data folder).")
+RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mrivq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """mrivq: compress MRI into discrete codes, synthesize volumes, score how typical a scan is."""
+
+
+# ---------------------------------------------------------------- datasets
+
+@datasets_app.callback(invoke_without_command=True)
+def datasets_list(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print the cards as JSON."),
+    root: Path | None = RootOpt,
+) -> None:
+    """Table of catalogued datasets: modalities, download size, access, licence, fetched or not."""
+    if ctx.invoked_subcommand:
+        return
+    from mrivq.catalog import download_size, fetch_status, list_cards
+
+    cards = list_cards()
+    if as_json:
+        print(json.dumps([c.to_dict() for c in cards], indent=2))
+        return
+    r = resolve_root(root)
+    t = Table(title=f"mrivq datasets (root: {r})")
+    for col in ("name", "modalities", "download", "access", "licence", "fetched"):
+        t.add_column(col)
+    for c in cards:
+        size = download_size(c)
+        st = fetch_status(c, r)
+        fetched = ", ".join(st.get("modalities", [])) or "yes" if st.get("fetched") else "-"
+        t.add_row(c.name, ", ".join(c.modalities), _size(size) if size else "-", c.access, c.licence, fetched)
+    out.print(t)
+
+
+@datasets_app.command("show")
+def datasets_show(name: str = typer.Argument(..., help="Dataset name or card file.")) -> None:
+    """Print one card in full."""
+    import yaml
+
+    from mrivq.catalog import get_card
+
+    out.print(yaml.safe_dump(get_card(name).to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def _size(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---------------------------------------------------------------- fetch
+
+@app.command()
+def fetch(
+    name: str = typer.Argument(..., help="Dataset name (see `mrivq datasets`) or a card file (.yaml)."),
+    modality: list[str] = typer.Option(None, "--modality", "-m", help="Modality to fetch (repeatable; default all)."),
+    root: Path | None = RootOpt,
+    mirror: str | None = typer.Option(None, "--mirror", help="Fetch every file by name from this base URL."),
+    from_path: Path | None = typer.Option(None, "--from", help="An archive or folder you already have."),
+    count: int = typer.Option(16, "--count", help="phantom: number of subjects."),
+    shape: tuple[int, int, int] = typer.Option((64, 64, 64), "--shape", help="phantom: volume shape X Y Z."),
+    spacing: float = typer.Option(3.0, "--spacing", help="phantom: voxel size in mm."),
+    seed: int = typer.Option(0, "--seed", help="phantom: random seed."),
+) -> None:
+    """Download (or copy with --from), verify and lay out a dataset; writes manifest.csv."""
+    from mrivq.catalog import get_card
+    from mrivq.fetch import fetch as do_fetch
+
+    card = get_card(name)
+    r = resolve_root(root)
+    opts = {"count": count, "shape": tuple(shape), "spacing": spacing, "seed": seed}
+    with Progress() as prog:
+        res = do_fetch(card, r, modalities=modality or None, mirror=mirror, from_path=from_path,
+                       progress=prog, builtin_options=opts if card.access == "builtin" else None)
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    subjects = len({row["subject"] for row in res.rows})
+    if res.already_complete:
+        out.print(f"{card.name} is already complete in {res.dataset_dir}: nothing to do")
+    else:
+        out.print(f"fetched {card.name}: {subjects} subjects, {len(res.rows)} images "
+                  f"({_size(res.bytes_downloaded)} downloaded)")
+    out.print(f"data:     {res.dataset_dir}")
+    out.print(f"manifest: {res.manifest_path}")
+
+
+# ---------------------------------------------------------------- train
+
+@app.command()
+def train(
+    dataset: str = typer.Option("ixi", "--dataset", "-d", help="Dataset name under the data root."),
+    modality: list[str] = typer.Option(None, "--modality", "-m", help="Input modality (repeat for multi-contrast)."),
+    dims: int = typer.Option(3, "--dims", help="2 or 3 spatial dimensions."),
+    preset: str | None = typer.Option(None, "--preset", help="Preset from configs/ (default: by dims/device)."),
+    config: Path | None = typer.Option(None, "--config", help="A YAML config file (overrides the preset)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable)."),
+    stage: str = typer.Option("all", "--stage", help="all (VQ-VAE then prior), vqvae, or prior."),
+    run: Path | None = typer.Option(None, "--run", help="Existing run (for --stage prior or --resume)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Run folder (default runs/<dataset>-<mod>-<dims>d-<t>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stage-1 optimizer steps."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Stage-1 epochs (instead of --max-steps)."),
+    prior_max_steps: int | None = typer.Option(None, "--prior-max-steps", help="Stage-2 optimizer steps."),
+    root: Path | None = RootOpt,
+) -> None:
+    """Train the VQ-VAE (stage 1) and the PixelCNN prior (stage 2) into a run folder."""
+    from mrivq import config as C
+    from mrivq.loop import Interrupted, resolve_device
+    from mrivq.runs import new_run_dir, resolve_run
+    from mrivq.train import train_run
+
+    if dims not in (2, 3):
+        raise MrivqError(f"--dims {dims} is not supported; use 2 or 3")
+    run_dir = run or out_dir
+    cfg = None
+    data_dir = None
+    if (resume or stage == "prior") and run_dir is None:
+        run_dir = resolve_run(None)
+    if run_dir is None or not (Path(run_dir) / "run.json").exists():
+        modalities = modality or (["image"] if dataset in ("mnist", "fashion-mnist", "cifar10") else ["t1"])
+        data_dir = resolve_root(root) / dataset
+        if not (data_dir / "manifest.csv").is_file():
+            raise MrivqError(f"dataset {dataset!r} is not fetched under {data_dir.parent}; run `mrivq fetch "
+                             f"{dataset}` first, or try `--dataset phantom` after `mrivq fetch phantom`")
+        dev = resolve_device(device).type
+        name = preset or C.default_preset(dataset, dims, dev)
+        cfg = C.load_preset(name)
+        if config:
+            cfg = C.deep_merge(cfg, C.load_config_file(config))
+        prior_name = cfg.pop("prior_preset", None)
+        if prior_name and "prior" not in cfg:
+            cfg["prior"] = C.load_preset(prior_name).get("prior", {})
+        cfg.setdefault("data", {})
+        cfg["data"]["modalities"] = list(modalities)
+        if cfg["data"].get("dims", dims) != dims:
+            raise MrivqError(f"preset {name!r} is for {cfg['data']['dims']}D data but --dims {dims} was given; "
+                             f"pick a {dims}D preset (see configs/)")
+        cfg["data"]["dims"] = dims
+        cfg = C.apply_overrides(cfg, set_ or [])
+        cfg["preset"] = name
+        if run_dir is None:
+            run_dir = new_run_dir(Path("runs"), dataset, "+".join(modalities), dims)
+        err.print(f"preset {name}; run folder {run_dir}")
+    meta = {"dataset": dataset, "modalities": list(modality or []), "dims": dims}
+    try:
+        with Progress() as prog:
+            summary = train_run(cfg, data_dir=data_dir, run_dir=Path(run_dir), stage=stage, resume=resume,
+                                device=device, max_steps=max_steps, epochs=epochs,
+                                prior_max_steps=prior_max_steps, progress=prog, meta=meta)
+    except Interrupted as e:
+        err.print(f"{e}; checkpoint written. Continue with: mrivq train --resume --out {run_dir}")
+        raise typer.Exit(code=130) from None
+    for st in ("vqvae", "prior"):
+        if st in summary:
+            vals = "  ".join(f"{k} {v:.4g}" for k, v in summary[st].items() if isinstance(v, (int, float)))
+            out.print(f"{st}: {vals}")
+    out.print(f"run: {run_dir}")
+
+
+# ---------------------------------------------------------------- using a trained model
+
+@app.command("eval")
+def eval_(
+    run: Path | None = RunOpt,
+    split: str = typer.Option("val", "--split", help="val or train."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """PSNR, SSIM, code usage and perplexity on a split; writes eval.json into the run."""
+    from mrivq.infer import evaluate
+
+    res = evaluate(run, split=split, device=device)
+    t = Table(title=f"eval ({split}) {res['run']}")
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in res["metrics"].items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    out.print(t)
+    out.print(f"wrote {res['path']}")
+
+
+@app.command()
+def encode(
+    image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .npz with the code indices."),
+    run: Path | None = RunOpt,
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Encode an image into code indices (plus what is needed to decode into its geometry)."""
+    from mrivq.infer import encode_file
+
+    res = encode_file(run, image, output, device=device)
+    out.print(f"wrote {output}: codes {tuple(res['shape'])}")
+
+
+@app.command()
+def decode(
+    codes: Path = typer.Argument(..., help="A codes .npz written by `mrivq encode`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
+    run: Path | None = RunOpt,
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Decode code indices back into an image in the original geometry."""
+    from mrivq.infer import decode_file
+
+    decode_file(run, codes, output, device=device)
+    out.print(f"wrote {output}")
+
+
+@app.command()
+def reconstruct(
+    image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
+    run: Path | None = RunOpt,
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Encode then decode an image (shape, affine and intensity scale of the input)."""
+    from mrivq.infer import reconstruct_file
+
+    res = reconstruct_file(run, image, output, device=device)
+    out.print(f"wrote {output} (PSNR vs input {res['psnr']:.2f} dB in the model's space)")
+
+
+@app.command()
+def synth(
+    count: int = typer.Option(10, "--count", "-n", help="Number of samples."),
+    out_dir: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
+    run: Path | None = RunOpt,
+    seed: int = typer.Option(0, "--seed"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_k: int | None = typer.Option(None, "--top-k"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    class_: int | None = typer.Option(None, "--class", help="Class id for a class-conditional prior."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Sample new volumes (or 2D images) from a run's prior and decode them."""
+    from mrivq.synth import synthesize
+
+    with Progress() as prog:
+        res = synthesize(run, count, out_dir, seed=seed, temperature=temperature, top_k=top_k,
+                         batch_size=batch_size, cls=class_, overwrite=overwrite, cached=not reference,
+                         device=device, progress=prog)
+    out.print(f"wrote {len(res['images'])} samples to {out_dir}/")
+    for p in res["images"][:3]:
+        out.print(f"  {p}")
+    if res.get("previews"):
+        out.print(f"previews: {res['previews'][0]}" + (" ..." if len(res["previews"]) > 1 else ""))
+
+
+@app.command()
+def score(
+    image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output NLL map (.nii.gz)."),
+    run: Path | None = RunOpt,
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Negative log-likelihood of each code under the prior, in the input's geometry."""
+    from mrivq.infer import score_file
+
+    res = score_file(run, image, output, device=device)
+    out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
+
+
+@app.command()
+def presets() -> None:
+    """List the shipped presets."""
+    from mrivq.config import list_presets
+
+    for p in list_presets():
+        out.print(p)
+
+
+def main() -> None:
+    """Console entry point: one-line errors with exit code 2 unless --debug."""
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except MrivqError as e:
+        if debug:
+            raise
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)

@@ -1,0 +1,149 @@
+"""Using a trained run: evaluate, encode, decode, reconstruct and score single images.
+
+Inputs are any NIfTI file or DICOM series folder; the run's own preprocessing is applied
+(:func:`mrivq.data.preprocess_file`) and outputs are mapped back to the input's shape, affine and
+intensity scale (:func:`mrivq.data.restore`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mrivq import data as D
+from mrivq.errors import MrivqError
+from mrivq.loop import resolve_device
+from mrivq.runs import Run, load_run, write_json
+
+
+def _load(run: Path | None, device: str, need_prior: bool = False) -> tuple[Run, torch.device]:
+    dev = resolve_device(device)
+    return load_run(run, device=dev, need_prior=need_prior), dev
+
+
+def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict:
+    """Reconstruction metrics of the run's VQ-VAE on its train or validation split -> eval.json."""
+    from mrivq.train import load_split, reconstruction_metrics
+
+    if split not in ("val", "train"):
+        raise MrivqError(f"--split {split!r} is not one of val, train")
+    r, dev = _load(run, device)
+    sp = load_split(r.config, Path(r.info["data_dir"]))
+    ds = sp.val if split == "val" else sp.train
+    bs = int(r.config.get("train", {}).get("batch_size", 2))
+    metrics = reconstruction_metrics(r.vqvae, ds, r.preprocess.dims, bs, dev)
+    metrics = {k.removeprefix("val_"): v for k, v in metrics.items()}
+    metrics["n_images"] = len(ds)
+    path = r.path / f"eval_{split}.json"
+    write_json(path, {"split": split, "checkpoint_sha256": r.checkpoints["vqvae"], **metrics})
+    return {"run": str(r.path), "metrics": metrics, "path": str(path)}
+
+
+def _prepare(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict]:
+    x, ctx = D.preprocess_file(Path(image), r.preprocess)
+    want = int(r.info.get("in_channels", x.shape[0]))
+    if x.ndim != r.preprocess.dims + 1:
+        raise MrivqError(f"{image} gives a {x.ndim - 1}D image but run {r.path.name} is {r.preprocess.dims}D; "
+                         f"use a run trained with --dims {x.ndim - 1}")
+    if x.shape[0] != want:
+        raise MrivqError(f"{image} has {x.shape[0]} channel(s) but the run expects {want}; pass an image "
+                         f"with the run's modalities ({', '.join(r.preprocess.modalities)})")
+    return torch.as_tensor(x).float()[None].to(dev), ctx
+
+
+def _save_nifti(arr: np.ndarray, affine: np.ndarray, output: Path) -> None:
+    from mrivq.io import save_nifti
+
+    output = Path(output)
+    if not output.parent.exists():
+        raise MrivqError(f"output folder {output.parent} does not exist; create it first")
+    save_nifti(arr, affine, output)
+
+
+def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+    """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
+    r, dev = _load(run, device)
+    x, ctx = _prepare(r, image, dev)
+    with torch.no_grad():
+        idx = r.vqvae.encode_indices(x)[0].cpu().numpy()
+    output = Path(output)
+    if not output.parent.exists():
+        raise MrivqError(f"output folder {output.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=output.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, indices=idx.astype(np.int32), ctx=np.array(json.dumps(ctx, default=_jsonable)),
+                            run=np.array(str(r.path.resolve())), vqvae_sha256=np.array(r.checkpoints["vqvae"]),
+                            model_shape=np.array(x.shape[2:]))
+        os.replace(tmp, output)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return {"shape": idx.shape, "path": str(output)}
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto") -> dict:
+    """Decode a codes ``.npz`` into a NIfTI in the original image's geometry."""
+    r, dev = _load(run, device)
+    try:
+        with np.load(codes, allow_pickle=False) as z:
+            idx = torch.from_numpy(z["indices"].astype(np.int64))
+            ctx = json.loads(str(z["ctx"]))
+            sha = str(z["vqvae_sha256"])
+    except FileNotFoundError:
+        raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`") from None
+    except (KeyError, ValueError, OSError):
+        raise MrivqError(f"{codes} is not a codes file written by `mrivq encode`") from None
+    if sha != r.checkpoints["vqvae"]:
+        raise MrivqError(f"{codes} was encoded by another VQ-VAE checkpoint than run {r.path.name}'s; "
+                         f"decode with the run that encoded it")
+    if idx.max() >= r.vqvae.num_embeddings or idx.min() < 0:
+        raise MrivqError(f"{codes} holds code indices outside the run's codebook")
+    with torch.no_grad():
+        x_hat = r.vqvae.decode_indices(idx[None].to(dev))[0].float().clamp(0, 1).cpu()
+    arr, affine = D.restore(x_hat, ctx)
+    _save_nifti(arr, affine, output)
+    return {"path": str(output)}
+
+
+def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+    """Encode and decode ``image``; the output has its shape, affine and intensity scale."""
+    r, dev = _load(run, device)
+    x, ctx = _prepare(r, image, dev)
+    with torch.no_grad():
+        x_hat = r.vqvae.decode_indices(r.vqvae.encode_indices(x)).float().clamp(0, 1)
+    mse = float(F.mse_loss(x_hat, x))
+    arr, affine = D.restore(x_hat[0].cpu(), ctx)
+    _save_nifti(arr, affine, output)
+    return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
+
+
+def score_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+    """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
+    from mrivq.sampling import log_likelihood
+
+    r, dev = _load(run, device, need_prior=True)
+    x, ctx = _prepare(r, image, dev)
+    with torch.no_grad():
+        idx = r.vqvae.encode_indices(x)
+        cond = None
+        if getattr(r.prior, "num_classes", None) is not None:
+            raise MrivqError("scoring with a class-conditional prior is not supported yet; use an unconditional run")
+        nll = log_likelihood(r.prior, idx, cond).float()
+    mode = "trilinear" if nll.ndim == 4 else "bilinear"
+    up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)[0].cpu()
+    arr, affine = D.restore(up, ctx, intensity=False)
+    _save_nifti(arr, affine, output)
+    return {"path": str(output), "mean_nll": float(nll.mean())}

@@ -1,0 +1,278 @@
+"""One training loop for both stages: steps, schedule, AMP, checkpoints, resume, signals, metrics.
+
+Read it top to bottom like nanoGPT's ``train.py``. What makes ``--resume`` end exactly where an
+uninterrupted run would:
+
+- batches are a pure function of the step (:func:`batch_indices`: a seeded permutation per epoch),
+  so no data-loader state needs saving;
+- the checkpoint holds model, optimizer, scheduler, grad-scaler, step, best metric and every RNG
+  state (python, numpy, torch, CUDA);
+- SIGINT/SIGTERM only set a flag; the loop finishes the step in flight, writes ``<stage>_last.pt``
+  and raises :class:`Interrupted`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mrivq.errors import MrivqError
+from mrivq.progress import Progress, silent
+from mrivq.runs import load_checkpoint, save_checkpoint
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+    def __init__(self, stage: str, step: int, signum: int) -> None:
+        super().__init__(f"{stage} interrupted at step {step}")
+        self.stage, self.step, self.signum = stage, step, signum
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MrivqError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise MrivqError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return torch.device(device)
+
+
+def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
+    """Autocast dtype: bf16 where the GPU supports it, else fp16; never on CPU unless asked."""
+    if mode in ("off", "none", False, None) or device.type != "cuda":
+        return torch.bfloat16 if (mode == "bf16" and device.type == "cpu") else None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the training items in batch ``step``: a seeded permutation per epoch."""
+    bs = min(batch_size, n)
+    per_epoch = max(1, n // bs)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[k * bs:(k + 1) * bs].tolist()
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup then cosine decay to ``min_ratio`` (Loshchilov & Hutter, SGDR, 2017)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] or 0],
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def catch_signals() -> Any:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
+    flag: dict[str, int | None] = {"sig": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["sig"] = signum
+
+    old = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not in the main thread: no signal handling
+        old = {}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class LoopConfig:
+    stage: str
+    run_dir: Path
+    total_steps: int
+    lr: float
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_every: int = 100
+    ckpt_every: int = 200
+    log_every: int = 10
+    amp: str = "auto"
+    higher_is_better: bool = True  # best checkpoint by the validation key
+    best_key: str = "val_psnr"
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard when installed."""
+
+    def __init__(self, run_dir: Path, stage: str) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.stage = stage
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+        except Exception:  # tensorboard not installed: metrics.jsonl is enough
+            self.tb = None
+
+    def write(self, step: int, values: dict) -> None:
+        rec = {"stage": self.stage, "step": step, "time": time.time(), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def run_loop(
+    lc: LoopConfig,
+    model: torch.nn.Module,
+    device: torch.device,
+    step_fn: Callable[[int], tuple[torch.Tensor, dict]],
+    val_fn: Callable[[], dict],
+    *,
+    resume: bool = False,
+    extra_state: Callable[[], dict] | None = None,
+    on_best: Callable[[int, dict], None] | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train ``model`` for ``lc.total_steps`` optimizer steps.
+
+    ``step_fn(step)`` returns ``(loss, logs)`` for one batch (under autocast, set up here);
+    ``val_fn()`` returns validation metrics (model put in eval mode here). Returns the last
+    validation metrics. Raises :class:`Interrupted` after checkpointing on SIGINT/SIGTERM.
+    """
+    progress = progress or silent()
+    ck_dir = Path(lc.run_dir) / "checkpoints"
+    last_path, best_path = ck_dir / f"{lc.stage}_last.pt", ck_dir / f"{lc.stage}_best.pt"
+    opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lc.warmup_steps, lc.total_steps, lc.min_lr_ratio))
+    dtype = amp_dtype(device, lc.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    step, best = 0, None
+    last_val: dict = {}
+    if resume and last_path.is_file():
+        ck = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        step, best, last_val = ck["step"], ck.get("best"), ck.get("last_val", {})
+        set_rng_state(ck["rng"])
+
+    def checkpoint(path: Path) -> None:
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                 "best": best, "last_val": last_val, "rng": rng_state(), "stage": lc.stage}
+        if extra_state:
+            state.update(extra_state())
+        save_checkpoint(path, state)
+
+    def validate() -> None:
+        nonlocal best, last_val
+        model.eval()
+        with torch.no_grad():
+            last_val = val_fn()
+        model.train()
+        log.write(step, last_val)
+        v = last_val.get(lc.best_key)
+        if v is not None and (best is None or (v > best if lc.higher_is_better else v < best)):
+            best = v
+            checkpoint(best_path)
+            if on_best:
+                on_best(step, last_val)
+
+    log = MetricsLog(lc.run_dir, lc.stage)
+    model.train()
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    try:
+        with catch_signals() as sig, progress.task(f"train {lc.stage}", total=lc.total_steps,
+                                                   unit="step") as bar:
+            bar.advance(step)
+            while step < lc.total_steps:
+                t0 = time.perf_counter()
+                with autocast():
+                    loss, logs = step_fn(step)
+                if not torch.isfinite(loss):
+                    checkpoint(ck_dir / f"{lc.stage}_nonfinite.pt")
+                    raise MrivqError(f"{lc.stage} loss became {loss.item()} at step {step}; lower train.lr "
+                                     f"or use --set train.amp=off (state saved for inspection)")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if lc.grad_clip:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), lc.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                logs = {"loss": float(loss.detach()), "lr": sched.get_last_lr()[0], **logs}
+                for k in ("items", "voxels"):
+                    if k in logs:
+                        logs[f"{k}_per_s"] = logs.pop(k) / max(dt, 1e-9)
+                bar.advance(1)
+                bar.set(**{k: v for k, v in logs.items() if k in ("loss", "perplexity", "voxels_per_s",
+                                                                   "nats")})
+                if step % lc.log_every == 0 or step == 1:
+                    log.write(step, logs)
+                if step % lc.val_every == 0 or step == lc.total_steps:
+                    validate()
+                if step % lc.ckpt_every == 0 or step == lc.total_steps:
+                    checkpoint(last_path)
+                if sig["sig"] is not None:
+                    checkpoint(last_path)
+                    raise Interrupted(lc.stage, step, sig["sig"])
+    finally:
+        log.close()
+    if not last_val:
+        validate()
+    return last_val

@@ -1,0 +1,210 @@
+"""The run directory: the only thing the stages share.
+
+Layout::
+
+    <run>/config.yaml           resolved config (data preprocessing, model, train, prior)
+    <run>/run.json              what a later command needs: dataset, latent shape, intensity range
+    <run>/checkpoints/          {vqvae,prior}_{last,best}.pt, written atomically
+    <run>/metrics.jsonl         one JSON line per logged step (field "stage")
+    <run>/previews/             input | reconstruction PNGs
+    <run>/codes/                code grids of the training/validation sets (prior stage)
+
+Everything here is written write-then-rename so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mrivq.errors import RunError
+
+RUN_MARKER = "run.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def save_checkpoint(path: Path, state: dict) -> str:
+    """Atomically save a checkpoint; returns its sha256 (recorded in outputs for provenance)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (``weights_only=True``: no arbitrary pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} does not exist; train the stage first or pass another --run")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt / truncated / not a checkpoint
+        raise RunError(f"checkpoint {path} cannot be read ({type(e).__name__}); it may be truncated or "
+                       f"not an mrivq checkpoint") from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_run_dir(base: Path, dataset: str, modality: str, dims: int) -> Path:
+    """``runs/<dataset>-<modality>-<dims>d-<timestamp>`` (suffixed if it already exists)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / f"{dataset}-{modality}-{dims}d-{stamp}"
+    i = 1
+    while path.exists():
+        i += 1
+        path = Path(base) / f"{dataset}-{modality}-{dims}d-{stamp}-{i}"
+    return path
+
+
+def is_run(path: Path) -> bool:
+    return (Path(path) / RUN_MARKER).is_file()
+
+
+def resolve_run(run: str | Path | None, base: Path = Path("runs")) -> Path:
+    """A run folder: the given one (validated), or the most recent run under ``base``."""
+    if run is not None:
+        path = Path(run)
+        if not path.exists():
+            raise RunError(f"run folder {path} does not exist; pass a folder made by `mrivq train`")
+        if not is_run(path):
+            raise RunError(f"{path} is not an mrivq run (no {RUN_MARKER}); pass a folder made by `mrivq train`")
+        return path
+    candidates = [p for p in Path(base).glob("*") if is_run(p)] if Path(base).is_dir() else []
+    if not candidates:
+        raise RunError(f"no runs under {base}/; train one with `mrivq train` or pass --run")
+    return max(candidates, key=lambda p: (p / RUN_MARKER).stat().st_mtime)
+
+
+def read_run_info(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / RUN_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RunError(f"{path}/{RUN_MARKER} cannot be read; the run folder is damaged") from None
+
+
+def update_run_info(path: Path, **fields: Any) -> dict:
+    info = read_run_info(path) if is_run(path) else {}
+    info.update(fields)
+    write_json(Path(path) / RUN_MARKER, info)
+    return info
+
+
+def read_config(path: Path) -> dict:
+    try:
+        return yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raise RunError(f"{path}/config.yaml cannot be read; the run folder is damaged") from None
+
+
+def write_config(path: Path, cfg: dict) -> None:
+    atomic_write_text(Path(path) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
+@dataclass
+class Run:
+    """A trained run loaded for use: models (eval mode), preprocessing and what synth needs."""
+
+    path: Path
+    config: dict
+    info: dict
+    preprocess: Any  # mrivq.data.Preprocess
+    vqvae: Any  # mrivq.models.vqvae.VQVAE
+    prior: Any | None = None  # mrivq.models.pixelcnn.GatedPixelCNN
+    checkpoints: dict[str, str] = field(default_factory=dict)  # stage -> sha256
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.info["latent_shape"])
+
+
+def checkpoint_path(run: Path, stage: str, which: str = "best") -> Path:
+    """``checkpoints/<stage>_<which>.pt``, falling back to ``last`` when there is no ``best``."""
+    p = Path(run) / "checkpoints" / f"{stage}_{which}.pt"
+    if not p.is_file() and which == "best":
+        p = Path(run) / "checkpoints" / f"{stage}_last.pt"
+    return p
+
+
+def load_run(path: str | Path | None = None, *, device: str | torch.device = "cpu",
+             need_prior: bool = False, which: str = "best") -> Run:
+    """Load a run's VQ-VAE (and prior, when trained) with its preprocessing.
+
+    ``path=None`` picks the most recent run under ``./runs``. Models are returned in eval mode, so
+    the codebook never changes while they are used.
+    """
+    from mrivq.data import Preprocess
+    from mrivq.models.vqvae import VQVAE
+
+    run_dir = resolve_run(path)
+    cfg = read_config(run_dir)
+    info = read_run_info(run_dir)
+    if "vqvae" not in info.get("model_config", {}):
+        raise RunError(f"{run_dir} has no trained VQ-VAE yet; run `mrivq train --out {run_dir} --resume`")
+    pre = Preprocess.from_dict(info.get("preprocess", cfg.get("data", {})))
+    vq = VQVAE(**info["model_config"]["vqvae"])
+    ck_path = checkpoint_path(run_dir, "vqvae", which)
+    ck = load_checkpoint(ck_path, map_location=device)
+    vq.load_state_dict(ck["model"])
+    vq.to(device).eval()
+    run = Run(run_dir, cfg, info, pre, vq, checkpoints={"vqvae": file_sha256(ck_path)})
+    if "prior" in info.get("model_config", {}) and checkpoint_path(run_dir, "prior", which).is_file():
+        from mrivq.models.pixelcnn import GatedPixelCNN
+
+        prior = GatedPixelCNN(**info["model_config"]["prior"])
+        p_path = checkpoint_path(run_dir, "prior", which)
+        prior.load_state_dict(load_checkpoint(p_path, map_location=device)["model"])
+        run.prior = prior.to(device).eval()
+        run.checkpoints["prior"] = file_sha256(p_path)
+    elif need_prior:
+        raise RunError(f"{run_dir} has no trained prior; run `mrivq train --stage prior --run {run_dir}`")
+    return run

@@ -1,0 +1,260 @@
+"""Stage 1 (VQ-VAE) and the orchestration of ``mrivq train``.
+
+``train_run`` creates or resumes a run directory, trains the VQ-VAE (stage 1) and then the
+PixelCNN prior (stage 2, :mod:`mrivq.train_prior`) on the code grids of the training set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mrivq import data as D
+from mrivq.errors import MrivqError, RunError
+from mrivq.loop import LoopConfig, batch_indices, resolve_device, run_loop
+from mrivq.progress import Progress, silent
+from mrivq.runs import (
+    is_run,
+    read_config,
+    read_run_info,
+    update_run_info,
+    write_config,
+)
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "batch_size": 2, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
+    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
+    "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
+    "cache": "memory", "recon_loss": "mse", "threads": None,
+}
+
+
+@dataclass
+class Split:
+    train: Any  # torch Dataset of {"image", "subject", ["label"]}
+    val: Any
+    pre: D.Preprocess
+    stats: dict
+
+
+def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> Split:
+    """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets."""
+    pre = D.Preprocess.from_dict(cfg["data"])
+    pre.validate()
+    tcfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+    rows = D.load_manifest(data_dir)
+    rows = D.select_rows(rows, pre.modalities)
+    if cfg["data"].get("max_subjects"):
+        keep = sorted({r["subject"] for r in rows})[: int(cfg["data"]["max_subjects"])]
+        rows = [r for r in rows if r["subject"] in set(keep)]
+    tr_rows, va_rows = D.split_subjects(rows, tcfg["val_fraction"], tcfg["seed"])
+    if cfg["data"].get("max_val_subjects"):
+        keep = sorted({r["subject"] for r in va_rows})[: int(cfg["data"]["max_val_subjects"])]
+        va_rows = [r for r in va_rows if r["subject"] in set(keep)]
+    if not tr_rows or not va_rows:
+        raise MrivqError(f"{data_dir} has too few subjects to split into train and validation "
+                         f"({len({r['subject'] for r in rows})}); fetch more (e.g. --count 8 for the phantom)")
+    cache = tcfg["cache"]
+    cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
+    train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
+    val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
+    stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
+    return Split(train, val, pre, stats)
+
+
+def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
+    items = [ds[i] for i in idx]
+    out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items]).to(device)}
+    if "label" in items[0]:
+        out["label"] = torch.tensor([int(it["label"]) for it in items], device=device)
+    return out
+
+
+def iterate(ds: Any, batch_size: int, device: torch.device):
+    for s in range(0, len(ds), batch_size):
+        yield collate(ds, list(range(s, min(len(ds), s + batch_size))), device)
+
+
+def build_vqvae(cfg: dict, in_channels: int) -> torch.nn.Module:
+    from mrivq.models.vqvae import VQVAE
+
+    mcfg = dict(cfg.get("model", {}))
+    mcfg.setdefault("spatial_dims", cfg["data"]["dims"])
+    mcfg.setdefault("in_channels", in_channels)
+    try:
+        return VQVAE(**mcfg)
+    except TypeError as e:
+        raise MrivqError(f"model config has a bad key ({e}); check the preset's model section") from None
+
+
+def reconstruction_metrics(model: Any, ds: Any, dims: int, batch_size: int, device: torch.device) -> dict:
+    """Validation PSNR and SSIM (MONAI metrics), code usage and perplexity, model in eval mode."""
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=dims, data_range=1.0)
+    n_codes = model.num_embeddings
+    counts = torch.zeros(n_codes, dtype=torch.long)
+    mse = []
+    with torch.no_grad():
+        for b in iterate(ds, batch_size, device):
+            x = b["image"]
+            idx = model.encode_indices(x)
+            x_hat = model.decode_indices(idx).float().clamp(0, 1)
+            counts += torch.bincount(idx.flatten().cpu(), minlength=n_codes)
+            psnr(x_hat, x)
+            if min(x.shape[2:]) >= 7:  # SSIM's 7-voxel window needs at least that many
+                ssim(x_hat, x)
+            mse.append(F.mse_loss(x_hat, x).item())
+    p = counts.float() / counts.sum().clamp(min=1)
+    perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    out = {"val_psnr": float(psnr.aggregate().item()), "val_mse": float(np.mean(mse)),
+           "val_code_usage": float((counts > 0).float().mean()), "val_perplexity": perplexity}
+    try:
+        out["val_ssim"] = float(ssim.aggregate().item())
+    except Exception:  # no SSIM computed (tiny images)
+        pass
+    return out
+
+
+def write_preview(path: Path, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """Input beside reconstruction (three orthogonal mid-slices for 3D)."""
+    from mrivq.io import save_png
+    from mrivq.preview import montage
+
+    save_png(montage([x.cpu().numpy(), x_hat.cpu().numpy()]), path)
+
+
+def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *, resume: bool,
+                progress: Progress | None = None) -> dict:
+    """Stage 1: reconstruction (MSE or L1) + commitment loss; EMA codebook (van den Oord et al. 2017)."""
+    tcfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+    torch.manual_seed(tcfg["seed"])
+    first = split.train[0]["image"]
+    in_ch = int(first.shape[0])
+    model = build_vqvae(cfg, in_ch).to(device)
+    spatial = tuple(int(s) for s in first.shape[1:])
+    latent = tuple(int(s) for s in model.latent_shape(spatial))
+    n = len(split.train)
+    bs = int(tcfg["batch_size"])
+    total = _total_steps(tcfg, n, bs)
+    update_run_info(run_dir, preprocess=split.pre.to_dict(), latent_shape=list(latent),
+                    image_shape=list(spatial), in_channels=in_ch, intensity=split.stats,
+                    model_config={**read_run_info(run_dir).get("model_config", {}), "vqvae": model.config},
+                    n_train=n, n_val=len(split.val))
+    recon = F.l1_loss if tcfg["recon_loss"] == "l1" else F.mse_loss
+    dims = split.pre.dims
+    preview_every = int(tcfg["preview_every"] or tcfg["val_every"])
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        b = collate(split.train, batch_indices(step, n, bs, tcfg["seed"]), device)
+        x = b["image"]
+        info = model.forward_with_info(x)
+        rec = recon(info["x_hat"].float(), x)
+        loss = rec + info["vq_loss"].float()
+        logs = {"recon": float(rec.detach()), "vq": float(info["vq_loss"].detach()),
+                "perplexity": float(info["perplexity"]), "code_usage": float(info["usage"]),
+                "voxels": float(x.numel())}
+        if step % preview_every == 0:
+            with torch.no_grad():
+                write_preview(run_dir / "previews" / f"vqvae_step{step:06d}.png", x[0], info["x_hat"][0].float())
+        return loss, logs
+
+    def val_fn() -> dict:
+        m = reconstruction_metrics(model, split.val, dims, bs, device)
+        x = split.val[0]["image"][None].float().to(device)
+        x_hat = model.decode_indices(model.encode_indices(x)).float().clamp(0, 1)
+        write_preview(run_dir / "previews" / "vqvae_val_latest.png", x[0], x_hat[0])
+        return m
+
+    lc = LoopConfig(stage="vqvae", run_dir=run_dir, total_steps=total, lr=float(tcfg["lr"]),
+                    warmup_steps=int(tcfg["warmup_steps"]), min_lr_ratio=float(tcfg["min_lr_ratio"]),
+                    weight_decay=float(tcfg["weight_decay"]), grad_clip=float(tcfg["grad_clip"]),
+                    val_every=int(tcfg["val_every"]), ckpt_every=int(tcfg["ckpt_every"]),
+                    log_every=int(tcfg["log_every"]), amp=tcfg["amp"], best_key="val_psnr")
+    val = run_loop(lc, model, device, step_fn, val_fn, resume=resume, progress=progress)
+    update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
+                                     "vqvae": {"done": True, "steps": total, "val": val}})
+    return val
+
+
+def _total_steps(tcfg: dict, n: int, bs: int) -> int:
+    if tcfg.get("max_steps"):
+        return int(tcfg["max_steps"])
+    if tcfg.get("epochs"):
+        return int(tcfg["epochs"]) * max(1, n // min(bs, n))
+    raise MrivqError("the config sets neither train.max_steps nor train.epochs; pass --max-steps or --epochs")
+
+
+def train_run(
+    cfg: dict | None,
+    *,
+    data_dir: Path | None,
+    run_dir: Path,
+    stage: str = "all",
+    resume: bool = False,
+    device: str = "auto",
+    max_steps: int | None = None,
+    epochs: int | None = None,
+    prior_max_steps: int | None = None,
+    progress: Progress | None = None,
+    meta: dict | None = None,
+) -> dict:
+    """Create or resume a run and train the requested stage(s). Returns a summary dict.
+
+    ``cfg`` is the resolved config for a new run; with ``resume`` (or ``stage='prior'`` on an
+    existing run) it is read from the run directory instead, so a resumed run is the same run.
+    """
+    progress = progress or silent()
+    dev = resolve_device(device)
+    if stage not in ("all", "vqvae", "prior"):
+        raise MrivqError(f"--stage {stage!r} is not one of all, vqvae, prior")
+    existing = is_run(run_dir)
+    if existing and not resume and stage != "prior":
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if (resume or stage == "prior") and not existing:
+        raise RunError(f"{run_dir} is not an mrivq run (no run.json); pass a folder made by `mrivq train`")
+    if existing:
+        cfg = read_config(run_dir)
+        info = read_run_info(run_dir)
+        data_dir = Path(info["data_dir"]) if data_dir is None else data_dir
+    else:
+        assert cfg is not None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
+        update_run_info(run_dir, created=time.strftime("%Y-%m-%dT%H:%M:%S"), data_dir=str(data_dir),
+                        **(meta or {}))
+    if max_steps is not None:
+        cfg.setdefault("train", {})["max_steps"] = max_steps
+    if epochs is not None:
+        cfg.setdefault("train", {})["epochs"] = epochs
+        cfg["train"]["max_steps"] = None
+    if prior_max_steps is not None:
+        cfg.setdefault("prior", {}).setdefault("train", {})["max_steps"] = prior_max_steps
+    if max_steps is not None or epochs is not None or prior_max_steps is not None:
+        write_config(run_dir, cfg)
+    threads = cfg.get("train", {}).get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    assert data_dir is not None
+    split = load_split(cfg, data_dir, progress=progress)
+    summary: dict = {"run": str(run_dir)}
+    done = read_run_info(run_dir).get("stages", {})
+    if stage in ("all", "vqvae"):
+        if done.get("vqvae", {}).get("done") and _total_steps({**TRAIN_DEFAULTS, **cfg["train"]},
+                                                              len(split.train), cfg["train"].get(
+                                                                  "batch_size", 2)) <= done["vqvae"]["steps"]:
+            summary["vqvae"] = done["vqvae"]["val"]
+        else:
+            summary["vqvae"] = train_vqvae(cfg, run_dir, split, dev, resume=resume, progress=progress)
+    if stage in ("all", "prior"):
+        from mrivq.train_prior import train_prior
+
+        summary["prior"] = train_prior(cfg, run_dir, split, dev, resume=resume or stage == "prior",
+                                       progress=progress)
+    return summary

@@ -1,0 +1,137 @@
+"""Stage 2: the Gated PixelCNN prior over the VQ-VAE's code grids.
+
+The training and validation sets are encoded once, in eval mode (the codebook cannot change), with
+the stage-1 best checkpoint, and cached in ``<run>/codes/codes.pt`` together with that checkpoint's
+hash; a changed VQ-VAE invalidates the cache. Loss is cross-entropy, reported in nats per token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mrivq.errors import MrivqError, RunError
+from mrivq.loop import LoopConfig, batch_indices, run_loop
+from mrivq.progress import Progress, silent
+from mrivq.runs import (
+    checkpoint_path,
+    file_sha256,
+    load_checkpoint,
+    read_run_info,
+    save_checkpoint,
+    update_run_info,
+)
+
+PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
+    "batch_size": 16, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
+    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
+    "log_every": 10, "amp": "auto", "seed": 0,
+}
+
+
+def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Progress | None = None) -> dict:
+    """Code grids of the train/val sets with the stage-1 best checkpoint (cached by its hash)."""
+    from mrivq.train import build_vqvae, iterate
+
+    progress = progress or silent()
+    ck_path = checkpoint_path(run_dir, "vqvae", "best")
+    if not ck_path.is_file():
+        raise RunError(f"{run_dir} has no VQ-VAE checkpoint; train stage 1 first (`mrivq train --stage vqvae`)")
+    sha = file_sha256(ck_path)
+    cache = Path(run_dir) / "codes" / "codes.pt"
+    if cache.is_file():
+        codes = torch.load(cache, map_location="cpu", weights_only=True)
+        if codes.get("vqvae_sha256") == sha:
+            return codes
+    info = read_run_info(run_dir)
+    model = build_vqvae({"data": {"dims": split.pre.dims}, "model": info["model_config"]["vqvae"]},
+                        info["in_channels"]).to(device)
+    model.load_state_dict(load_checkpoint(ck_path, map_location=device)["model"])
+    model.eval()
+    out: dict = {"vqvae_sha256": sha}
+    for name, ds in (("train", split.train), ("val", split.val)):
+        grids, labels = [], []
+        with torch.no_grad(), progress.task(f"encode {name}", total=len(ds), unit="item") as bar:
+            for b in iterate(ds, 8, device):
+                grids.append(model.encode_indices(b["image"]).cpu())
+                if "label" in b:
+                    labels.append(b["label"].cpu())
+                bar.advance(len(b["image"]))
+        out[name] = torch.cat(grids)
+        if labels:
+            out[f"{name}_labels"] = torch.cat(labels)
+    save_checkpoint(cache, out)
+    return out
+
+
+def build_prior(cfg: dict, dims: int, num_embeddings: int) -> torch.nn.Module:
+    from mrivq.models.pixelcnn import GatedPixelCNN
+
+    mcfg = dict(cfg.get("prior", {}).get("model", {}))
+    mcfg.setdefault("spatial_dims", dims)
+    mcfg["num_embeddings"] = num_embeddings
+    try:
+        return GatedPixelCNN(**mcfg)
+    except TypeError as e:
+        raise MrivqError(f"prior model config has a bad key ({e}); check the preset's prior.model section") from None
+
+
+def nats_per_token(prior: Any, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+                   device: torch.device) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(codes), batch_size):
+            idx = codes[s:s + batch_size].to(device)
+            cond = labels[s:s + batch_size].to(device) if labels is not None else None
+            logits = prior(idx, cond)
+            total += float(F.cross_entropy(logits.float(), idx, reduction="sum"))
+            count += idx.numel()
+    return total / max(count, 1)
+
+
+def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, resume: bool,
+                progress: Progress | None = None) -> dict:
+    """Stage 2: autoregressive prior p(z) = prod_i p(z_i | z_<i) (van den Oord et al. 2016, 2017)."""
+    pcfg = cfg.get("prior", {})
+    tcfg = {**PRIOR_TRAIN_DEFAULTS, **pcfg.get("train", {})}
+    codes = encode_split(run_dir, split, device, progress)
+    info = read_run_info(run_dir)
+    num_embeddings = int(info["model_config"]["vqvae"].get("num_embeddings", 512))
+    torch.manual_seed(tcfg["seed"])
+    prior = build_prior(cfg, split.pre.dims, num_embeddings).to(device)
+    conditional = getattr(prior, "num_classes", None) is not None
+    tr, va = codes["train"], codes["val"]
+    tr_lab = codes.get("train_labels") if conditional else None
+    va_lab = codes.get("val_labels") if conditional else None
+    if conditional and tr_lab is None:
+        raise MrivqError("prior.model.num_classes is set but the dataset has no labels; remove num_classes")
+    update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config})
+    n, bs = len(tr), int(tcfg["batch_size"])
+    from mrivq.train import _total_steps
+
+    total = _total_steps(tcfg, n, bs)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        ids = batch_indices(step, n, bs, tcfg["seed"])
+        idx = tr[ids].to(device)
+        cond = tr_lab[ids].to(device) if tr_lab is not None else None
+        logits = prior(idx, cond)
+        loss = F.cross_entropy(logits.float(), idx)
+        return loss, {"nats": float(loss.detach()), "items": float(len(ids))}
+
+    def val_fn() -> dict:
+        return {"val_nats_per_token": nats_per_token(prior, va, va_lab, bs, device)}
+
+    lc = LoopConfig(stage="prior", run_dir=run_dir, total_steps=total, lr=float(tcfg["lr"]),
+                    warmup_steps=int(tcfg["warmup_steps"]), min_lr_ratio=float(tcfg["min_lr_ratio"]),
+                    weight_decay=float(tcfg["weight_decay"]), grad_clip=float(tcfg["grad_clip"]),
+                    val_every=int(tcfg["val_every"]), ckpt_every=int(tcfg["ckpt_every"]),
+                    log_every=int(tcfg["log_every"]), amp=tcfg["amp"], higher_is_better=False,
+                    best_key="val_nats_per_token")
+    val = run_loop(lc, prior, device, step_fn, val_fn, resume=resume, progress=progress)
+    update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
+                                     "prior": {"done": True, "steps": total, "val": val}})
+    return val
