@@ -1,0 +1,201 @@
+"""End-to-end: fetch the phantom, train both stages (tiny), synth, encode/decode, score, eval, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mrivq.cli import app
+from mrivq.errors import MrivqError
+
+TINY = [
+    "--set", "data.spacing=[6.0,6.0,6.0]", "--set", "data.shape=[32,32,32]",
+    "--set", "model.channels=[8,16]", "--set", "model.num_res_channels=[8,16]",
+    "--set", "model.num_embeddings=32", "--set", "model.embedding_dim=4",
+    "--set", "train.batch_size=2", "--set", "train.val_every=4", "--set", "train.ckpt_every=4",
+    "--set", "train.warmup_steps=2", "--set", "train.threads=1",
+    "--set", "prior.model.channels=8", "--set", "prior.model.num_layers=2",
+    "--set", "prior.train.val_every=3", "--set", "prior.train.warmup_steps=1",
+]
+
+
+class Result:
+    def __init__(self, exit_code: int, output: str) -> None:
+        self.exit_code, self.output = exit_code, output
+
+
+def invoke(*args: str) -> Result:
+    """Run the CLI in-process; a MrivqError maps to exit code 2 as in `mrivq.cli.main`."""
+    res = CliRunner().invoke(app, list(args))
+    if isinstance(res.exception, MrivqError):
+        return Result(2, res.output + str(res.exception))
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return Result(res.exit_code, res.output)
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    res = invoke("fetch", "phantom", "--root", str(root), "--count", "6", "--shape", "32", "32", "32",
+                 "--spacing", "6")
+    assert res.exit_code == 0, res.output
+    assert (root / "phantom" / "manifest.csv").is_file()
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "r1"
+    res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
+                 "--out", str(run), "--device", "cpu", "--max-steps", "8", "--prior-max-steps", "6", *TINY)
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_run_folder_contents(trained_run: Path) -> None:
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints/vqvae_last.pt",
+                 "checkpoints/vqvae_best.pt", "checkpoints/prior_last.pt", "codes/codes.pt"):
+        assert (trained_run / name).is_file(), name
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["latent_shape"] == [8, 8, 8]
+    assert info["preprocess"]["spacing"] == [6.0, 6.0, 6.0]
+    lines = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    vq = [x for x in lines if x["stage"] == "vqvae"]
+    assert any("val_psnr" in x and "val_ssim" in x and "val_code_usage" in x for x in vq)
+    assert any("perplexity" in x and "voxels_per_s" in x and "lr" in x for x in vq)
+    assert any("val_nats_per_token" in x for x in lines if x["stage"] == "prior")
+    assert list((trained_run / "previews").glob("*.png"))
+    ck = torch.load(trained_run / "checkpoints" / "vqvae_last.pt", weights_only=True)
+    assert ck["step"] == 8 and "optimizer" in ck and "rng" in ck
+
+
+def test_synth_writes_nifti_png_and_sidecars(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nii"
+    res = invoke("synth", "--run", str(trained_run), "--count", "2", "--out", str(out), "--seed", "3",
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    img = nib.load(out / "synth_0000.nii.gz")
+    assert img.shape == (32, 32, 32)
+    assert np.allclose(np.abs(np.diag(img.affine)[:3]), 6.0)
+    assert not np.allclose(img.affine, np.eye(4))
+    assert (out / "synth_0001.png").is_file()
+    side = json.loads((out / "synth_0001.json").read_text())
+    assert side["seed"] == 3 and side["temperature"] == 1.0 and "vqvae" in side["checkpoint_sha256"]
+    # same seed -> same volume; refuses to overwrite without --overwrite
+    res2 = invoke("synth", "--run", str(trained_run), "--count", "2", "--out", str(out), "--device", "cpu")
+    assert res2.exit_code == 2 and "--overwrite" in res2.output
+    res3 = invoke("synth", "--run", str(trained_run), "--count", "2", "--out", str(tmp_path / "b"), "--seed", "3",
+                  "--device", "cpu")
+    assert res3.exit_code == 0
+    assert np.array_equal(nib.load(tmp_path / "b" / "synth_0000.nii.gz").get_fdata(), img.get_fdata())
+
+
+def _an_input(phantom_root: Path, tmp_path: Path) -> Path:
+    # An input in a geometry unlike the training grid: LPS-ish flipped affine and odd shape.
+    src = sorted((phantom_root / "phantom").rglob("*_t1.nii.gz"))[0]
+    img = nib.load(src)
+    data = np.asarray(img.dataobj, dtype=np.float32)[:, 1:, :-3] * 3.0 + 100.0
+    aff = img.affine.copy()
+    aff[0, :] *= -1
+    path = tmp_path / "input.nii.gz"
+    nib.save(nib.Nifti1Image(data, aff), path)
+    return path
+
+
+def test_encode_decode_keeps_geometry(trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:
+    inp = _an_input(phantom_root, tmp_path)
+    src = nib.load(inp)
+    assert invoke("encode", str(inp), "-o", str(tmp_path / "c.npz"), "--run", str(trained_run),
+                  "--device", "cpu").exit_code == 0
+    res = invoke("decode", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.nii.gz"), "--run", str(trained_run),
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    out = nib.load(tmp_path / "d.nii.gz")
+    assert out.shape == src.shape
+    assert np.allclose(out.affine, src.affine, atol=1e-4)
+    d = out.get_fdata()
+    assert d.max() > 50  # back in the input's intensity scale, not [0, 1]
+    res = invoke("reconstruct", str(inp), "-o", str(tmp_path / "r.nii.gz"), "--run", str(trained_run),
+                 "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert nib.load(tmp_path / "r.nii.gz").shape == src.shape
+
+
+def test_score_and_eval(trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:
+    inp = _an_input(phantom_root, tmp_path)
+    res = invoke("score", str(inp), "-o", str(tmp_path / "nll.nii.gz"), "--run", str(trained_run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "mean NLL" in res.output
+    nll = nib.load(tmp_path / "nll.nii.gz")
+    assert nll.shape == nib.load(inp).shape and np.all(np.isfinite(nll.get_fdata()))
+    assert nll.get_fdata().max() > 0
+    res = invoke("eval", "--run", str(trained_run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ev = json.loads((trained_run / "eval_val.json").read_text())
+    assert {"psnr", "ssim", "code_usage", "perplexity"} <= set(ev)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["fetch", "no-such-dataset"], "no-such-dataset"),
+    (["train", "--dataset", "ixi", "--root", "{tmp}"], "mrivq fetch"),
+    (["synth", "--run", "{tmp}"], "not an mrivq run"),
+    (["encode", "{tmp}/missing.nii.gz", "-o", "{tmp}/c.npz", "--run", "{run}"], "missing.nii.gz"),
+    (["train", "--dims", "4"], "--dims"),
+    (["decode", "{tmp}/junk.npz", "-o", "{tmp}/o.nii.gz", "--run", "{run}"], "junk.npz"),
+])
+def test_cli_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, trained_run: Path) -> None:
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(trained_run)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mrivq", "--debug", "synth", "--run", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "mrivq", "train", "--dataset", "phantom", "--root", str(phantom_root),
+            "--preset", "vqvae3d-cpu", "--device", "cpu", "--stage", "vqvae", "--max-steps", "40", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run([*base, "--out", str(full)], check=True, capture_output=True, env=env, timeout=600)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([*base, "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.is_file() and any(json.loads(x)["step"] >= 10 for x in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    step = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"]
+    assert 10 <= step < 40, "the signal should arrive mid-run"
+    subprocess.run([*base, "--out", str(cut), "--resume"], check=True, capture_output=True, env=env, timeout=600)
+    a, b = _weights(full / "checkpoints" / "vqvae_last.pt"), _weights(cut / "checkpoints" / "vqvae_last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
