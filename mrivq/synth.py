@@ -73,7 +73,6 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         cond = torch.arange(count, device=dev) % n_classes
     tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
                            cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
-    lo, hi = _intensity(r.info)
     images, previews, sidecars = [], [], []
     decoded = []
     with torch.no_grad(), progress.task("decode", total=count, unit="sample") as bar:
@@ -87,7 +86,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         path = planned[i]
         if dims == 3:
             affine = D.synth_geometry(r.preprocess, x.shape[1:])
-            vol = x * (hi - lo) + lo
+            vol = D.to_intensity(x, r.info.get("intensity") or {"lo": [0.0] * len(x), "hi": [1.0] * len(x)})
             save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, path)
             png = out_dir / f"synth_{i:04d}.png"
             save_png(montage([x]), png)
@@ -104,9 +103,3 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         save_png(grid(decoded), g)
         previews.append(str(g))
     return {"images": images, "previews": previews, "sidecars": sidecars}
-
-
-def _intensity(info: dict) -> tuple[float, float]:
-    """Training intensity range (median of the subjects' percentile bounds); [0, 1] when unknown."""
-    st = info.get("intensity") or {}
-    return float(st.get("lo", 0.0)), float(st.get("hi", 1.0))
