@@ -65,8 +65,10 @@ def datasets_list(
         return
     r = resolve_root(root)
     t = Table(title=f"mrivq datasets (root: {r})")
-    for col in ("name", "modalities", "download", "access", "licence", "fetched"):
-        t.add_column(col)
+    for col in ("name", "modalities", "download", "access"):
+        t.add_column(col, no_wrap=col == "name")
+    t.add_column("licence", max_width=24, no_wrap=True, overflow="ellipsis")
+    t.add_column("fetched")
     for c in cards:
         size = download_size(c)
         st = fetch_status(c, r)
@@ -82,7 +84,7 @@ def datasets_show(name: str = typer.Argument(..., help="Dataset name or card fil
 
     from mrivq.catalog import get_card
 
-    out.print(yaml.safe_dump(get_card(name).to_dict(), sort_keys=False, allow_unicode=True))
+    print(yaml.safe_dump(get_card(name).to_dict(), sort_keys=False, allow_unicode=True, width=100))
 
 
 def _size(n: int | float) -> str:

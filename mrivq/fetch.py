@@ -165,7 +165,7 @@ def _from_expectation(card: Card) -> str:
 
 def _manual_help(card: Card) -> str:
     return (f"dataset '{card.name}' cannot be downloaded automatically: {_instructions_summary(card)} — "
-            f"then pass the downloaded file with --from PATH (see `mrivq datasets {card.name}`)")
+            f"then pass the downloaded file with --from PATH (see `mrivq datasets show {card.name}`)")
 
 
 def _instructions_summary(card: Card) -> str:
