@@ -71,9 +71,11 @@ def datasets_list(
     t.add_column("fetched")
     for c in cards:
         size = download_size(c)
+        known = sum(f.size or 0 for f in c.files) if c.access == "open" else 0
+        shown = _size(size) if size else (f">= {_size(known)}" if known else "-")
         st = fetch_status(c, r)
         fetched = ", ".join(st.get("modalities", [])) or "yes" if st.get("fetched") else "-"
-        t.add_row(c.name, ", ".join(c.modalities), _size(size) if size else "-", c.access, c.licence, fetched)
+        t.add_row(c.name, ", ".join(c.modalities), shown, c.access, c.licence, fetched)
     out.print(t)
 
 
