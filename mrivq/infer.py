@@ -47,15 +47,33 @@ def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict
 
 
 def _prepare(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict]:
+    """Preprocess ``image`` with the run's settings -> a model batch [B, C, *spatial] and its ctx.
+
+    A 2D run given a volume encodes it slice by slice along ``preprocess.slice_axis`` (B = slices);
+    :func:`_unbatch` puts the slices back together before the geometry is restored.
+    """
     x, ctx = D.preprocess_file(Path(image), r.preprocess)
+    x = torch.as_tensor(x).float()
     want = int(r.info.get("in_channels", x.shape[0]))
-    if x.ndim != r.preprocess.dims + 1:
-        raise MrivqError(f"{image} gives a {x.ndim - 1}D image but run {r.path.name} is {r.preprocess.dims}D; "
+    dims = r.preprocess.dims
+    if x.ndim == 4 and dims == 2:
+        ctx = {**ctx, "_sliced": True}
+        xb = D.volume_to_slices(x, r.preprocess.slice_axis)
+    elif x.ndim != dims + 1:
+        raise MrivqError(f"{image} gives a {x.ndim - 1}D image but run {r.path.name} is {dims}D; "
                          f"use a run trained with --dims {x.ndim - 1}")
-    if x.shape[0] != want:
-        raise MrivqError(f"{image} has {x.shape[0]} channel(s) but the run expects {want}; pass an image "
+    else:
+        xb = x[None]
+    if xb.shape[1] != want:
+        raise MrivqError(f"{image} has {xb.shape[1]} channel(s) but the run expects {want}; pass an image "
                          f"with the run's modalities ({', '.join(r.preprocess.modalities)})")
-    return torch.as_tensor(x).float()[None].to(dev), ctx
+    return xb.to(dev), ctx
+
+
+def _unbatch(y: torch.Tensor, ctx: dict, r: Run) -> torch.Tensor:
+    """Model-space batch -> one [C, *spatial] image on the preprocessed grid."""
+    y = y.detach().float().cpu()
+    return D.slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, output: Path) -> None:
@@ -72,7 +90,9 @@ def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
-        idx = r.vqvae.encode_indices(x)[0].cpu().numpy()
+        idx = r.vqvae.encode_indices(x).cpu().numpy()
+    if not ctx.get("_sliced"):
+        idx = idx[0]
     output = Path(output)
     if not output.parent.exists():
         raise MrivqError(f"output folder {output.parent} does not exist; create it first")
@@ -106,14 +126,16 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
         raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`") from None
     except (KeyError, ValueError, OSError):
         raise MrivqError(f"{codes} is not a codes file written by `mrivq encode`") from None
+    if not ctx.get("_sliced"):
+        idx = idx[None]
     if sha != r.checkpoints["vqvae"]:
         raise MrivqError(f"{codes} was encoded by another VQ-VAE checkpoint than run {r.path.name}'s; "
                          f"decode with the run that encoded it")
     if idx.max() >= r.vqvae.num_embeddings or idx.min() < 0:
         raise MrivqError(f"{codes} holds code indices outside the run's codebook")
     with torch.no_grad():
-        x_hat = r.vqvae.decode_indices(idx[None].to(dev))[0].float().clamp(0, 1).cpu()
-    arr, affine = D.restore(x_hat, ctx)
+        x_hat = r.vqvae.decode_indices(idx.to(dev)).float().clamp(0, 1)
+    arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
     _save_nifti(arr, affine, output)
     return {"path": str(output)}
 
@@ -125,7 +147,7 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(r.vqvae.encode_indices(x)).float().clamp(0, 1)
     mse = float(F.mse_loss(x_hat, x))
-    arr, affine = D.restore(x_hat[0].cpu(), ctx)
+    arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
     _save_nifti(arr, affine, output)
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
@@ -143,7 +165,7 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
             raise MrivqError("scoring with a class-conditional prior is not supported yet; use an unconditional run")
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
-    up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)[0].cpu()
-    arr, affine = D.restore(up, ctx, intensity=False)
+    up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)
+    arr, affine = D.restore(_unbatch(up, ctx, r), ctx, intensity=False)
     _save_nifti(arr, affine, output)
     return {"path": str(output), "mean_nll": float(nll.mean())}
