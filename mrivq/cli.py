@@ -167,11 +167,11 @@ def train(
     if (resume or stage == "prior") and run_dir is None:
         run_dir = resolve_run(None)
     if run_dir is None or not (Path(run_dir) / "run.json").exists():
-        modalities = modality or (["image"] if dataset in ("mnist", "fashion-mnist", "cifar10") else ["t1"])
         data_dir = resolve_root(root) / dataset
         if not (data_dir / "manifest.csv").is_file():
             raise MrivqError(f"dataset {dataset!r} is not fetched under {data_dir.parent}; run `mrivq fetch "
                              f"{dataset}` first, or try `--dataset phantom` after `mrivq fetch phantom`")
+        modalities = list(modality) if modality else [_default_modality(data_dir)]
         dev = resolve_device(device).type
         name = preset or C.default_preset(dataset, dims, dev)
         cfg = C.load_preset(name)
@@ -205,6 +205,19 @@ def train(
             vals = "  ".join(f"{k} {v:.4g}" for k, v in summary[st].items() if isinstance(v, (int, float)))
             out.print(f"{st}: {vals}")
     out.print(f"run: {run_dir}")
+
+
+def _default_modality(data_dir: Path) -> str:
+    """``t1`` when the dataset has it, else its only modality; several others -> ask."""
+    import csv
+
+    with open(data_dir / "manifest.csv", newline="") as f:
+        mods = sorted({row.get("modality", "") for row in csv.DictReader(f)} - {""})
+    if "t1" in mods or not mods:
+        return "t1"
+    if len(mods) == 1:
+        return mods[0]
+    raise MrivqError(f"{data_dir.name} has modalities {', '.join(mods)}; choose with --modality")
 
 
 # ---------------------------------------------------------------- using a trained model
