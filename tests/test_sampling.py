@@ -1,0 +1,142 @@
+"""Samplers: the cached incremental sampler equals the reference one; seeds; top-k; log-likelihood."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mrivq.errors import MrivqError
+from mrivq.models.pixelcnn import GatedPixelCNN
+from mrivq.progress import Progress
+from mrivq.sampling import log_likelihood, sample_tokens
+
+K = 9
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation (and stall on a shared CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prior(dims: int, **kw) -> GatedPixelCNN:
+    torch.manual_seed(0)
+    model = GatedPixelCNN(dims, K, **{"channels": 8, "num_layers": 3, **kw}).double()
+    with torch.no_grad():  # sharper logits than the default init, so samples are not all alike
+        model.head[3].weight.mul_(4)
+    return model
+
+
+CASES = [
+    pytest.param((5, 6), {}, None, {}, id="2d"),
+    pytest.param((3, 4, 5), {}, None, {"temperature": 0.7, "top_k": 4}, id="3d-temperature-topk"),
+    pytest.param((4, 3, 4), {"num_classes": 3}, torch.tensor([2, 0, 1]), {"temperature": 1.3}, id="3d-class"),
+    pytest.param((6, 5), {"num_classes": 2, "kernel_size": 5}, torch.tensor([1, 0, 1]), {"top_k": 3},
+                 id="2d-class-k5"),
+    pytest.param((11,), {}, None, {"top_k": 2}, id="1d"),
+]
+
+
+@pytest.mark.parametrize("shape,kw,cond,skw", CASES)
+def test_cached_equals_reference(shape, kw, cond, skw) -> None:
+    prior = _prior(len(shape), **kw)
+    ref = sample_tokens(prior, shape, 3, seed=7, cached=False, cond=cond, **skw)
+    fast = sample_tokens(prior, shape, 3, seed=7, cached=True, cond=cond, **skw)
+    assert ref.shape == (3, *shape) and ref.dtype == torch.long
+    assert torch.equal(fast, ref)
+    assert len(torch.unique(fast)) > 1  # not a degenerate all-zeros grid
+
+
+@pytest.mark.parametrize("shape,kw,cond", [((4, 5), {}, None), ((3, 4, 3), {"num_classes": 2}, torch.tensor([1, 0]))])
+def test_cached_features_equal_forward(shape, kw, cond) -> None:
+    prior = _prior(len(shape), **kw)
+    record: list = []
+    tokens = sample_tokens(prior, shape, 2, seed=3, cond=cond, _record=record)
+    full = prior.eval().features(tokens, cond)
+    rec = record[0]
+    for layer in range(prior.num_layers):
+        torch.testing.assert_close(rec["horizontal"][layer], full["horizontal"][layer], atol=1e-10, rtol=0)
+        for k in range(len(shape) - 1):
+            torch.testing.assert_close(rec["stacks"][layer][k], full["stacks"][layer][k], atol=1e-10, rtol=0)
+
+
+def test_seeds_batches_and_sample_independence() -> None:
+    prior = _prior(3, num_classes=2)
+    shape = (3, 3, 4)
+    a = sample_tokens(prior, shape, 5, seed=1, cond=1)
+    assert torch.equal(a, sample_tokens(prior, shape, 5, seed=1, cond=1, batch_size=2))
+    assert torch.equal(a[:2], sample_tokens(prior, shape, 2, seed=1, cond=torch.tensor([1])))
+    assert not torch.equal(a, sample_tokens(prior, shape, 5, seed=2, cond=1))
+    assert not torch.equal(a, sample_tokens(prior, shape, 5, seed=1, cond=0))
+    torch.manual_seed(5)
+    b = sample_tokens(prior, shape, 2, cond=1)
+    torch.manual_seed(5)
+    assert torch.equal(b, sample_tokens(prior, shape, 2, cond=1))  # seed=None follows torch.manual_seed
+
+
+def test_top_k_and_temperature_zero() -> None:
+    prior = _prior(2)
+    shape = (5, 5)
+    tokens = sample_tokens(prior, shape, 4, seed=0, top_k=2, temperature=1.5)
+    with torch.no_grad():
+        logits = prior(tokens)  # causal: the logits the sampler saw at every position
+    rank = (logits > logits.gather(1, tokens.unsqueeze(1))).sum(1)
+    assert rank.max() < 2  # every sampled code is one of the two most likely
+    greedy = sample_tokens(prior, shape, 2, seed=0, temperature=0)
+    assert torch.equal(greedy, sample_tokens(prior, shape, 2, seed=9, top_k=1))
+    assert torch.equal(greedy, prior(greedy).argmax(1))
+
+
+def test_covariate_conditioning_and_progress() -> None:
+    prior = _prior(2, num_classes=2, num_covariates=2)
+    cond = {"class": torch.tensor([0, 1, 1]), "covariates": torch.tensor([[0.1, 1.0], [0.5, 0.0], [0.9, 1.0]])}
+    with Progress(enabled=False) as prog:
+        fast = sample_tokens(prior, (4, 4), 3, seed=4, cond=cond, progress=prog, batch_size=2)
+    ref = sample_tokens(prior, (4, 4), 3, seed=4, cond=cond, cached=False)
+    assert torch.equal(fast, ref)
+
+    class Task:
+        completed = 0
+
+        def advance(self, k: float = 1) -> None:
+            self.completed += k
+
+    task = Task()
+    sample_tokens(prior, (4, 4), 3, seed=4, cond=cond, progress=task)
+    assert task.completed == 3 * 16
+
+
+def test_eval_mode_restored_and_bad_arguments() -> None:
+    prior = _prior(2).train()
+    torch.set_num_threads(2)
+    sample_tokens(prior, (3, 3), 1, seed=0)  # runs on one CPU thread, then restores the setting
+    assert prior.training and torch.get_num_threads() == 2
+    with pytest.raises(MrivqError, match="latent shape"):
+        sample_tokens(prior, (3, 3, 3), 1)
+    with pytest.raises(MrivqError, match="temperature"):
+        sample_tokens(prior, (3, 3), 1, temperature=-1)
+    with pytest.raises(MrivqError, match="top_k"):
+        sample_tokens(prior, (3, 3), 1, top_k=0)
+    with pytest.raises(MrivqError, match="rows"):
+        sample_tokens(_prior(2, num_classes=2), (3, 3), 3, cond=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dims,kw,cond", [(2, {}, None), (3, {"num_classes": 3}, torch.tensor([2, 0, 1]))])
+def test_log_likelihood_is_cross_entropy(dims, kw, cond) -> None:
+    prior = _prior(dims, **kw)
+    shape = (4, 3, 5)[:dims]
+    codes = torch.randint(0, K, (3, *shape))
+    nll = log_likelihood(prior, codes, cond, batch_size=2)
+    with torch.no_grad():
+        expected = F.cross_entropy(prior.eval()(codes, cond).float(), codes, reduction="none")
+    assert nll.shape == codes.shape and (nll > 0).all()
+    torch.testing.assert_close(nll, expected)
+    # a grid sampled from the prior is more likely under it than uniform noise, on average
+    sampled = sample_tokens(prior, shape, 8, seed=0, cond=cond[:1] if cond is not None else None)
+    noise = torch.randint(0, K, sampled.shape)
+    c1 = cond[:1] if cond is not None else None
+    assert log_likelihood(prior, sampled, c1).mean() < log_likelihood(prior, noise, c1).mean()
