@@ -289,7 +289,7 @@ def synth(
     out_dir: Path = typer.Option(Path("synth"), "--out", help="Output folder."),
     run: Path | None = RunOpt,
     seed: int = typer.Option(0, "--seed"),
-    temperature: float = typer.Option(1.0, "--temperature"),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature; 0 = most likely code."),
     top_k: int | None = typer.Option(None, "--top-k"),
     batch_size: int = typer.Option(4, "--batch-size"),
     class_: int | None = typer.Option(None, "--class", help="Class id for a class-conditional prior."),
@@ -316,12 +316,13 @@ def score(
     image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output NLL map (.nii.gz)."),
     run: Path | None = RunOpt,
+    class_: int | None = typer.Option(None, "--class", help="Class id for a class-conditional prior."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Negative log-likelihood of each code under the prior, in the input's geometry."""
     from mrivq.infer import score_file
 
-    res = score_file(run, image, output, device=device)
+    res = score_file(run, image, output, device=device, cls=class_)
     out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
 
 

@@ -152,7 +152,7 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
 
-def score_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+def score_file(run: Path | None, image: Path, output: Path, device: str = "auto", cls: int | None = None) -> dict:
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
@@ -161,8 +161,11 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x)
         cond = None
-        if getattr(r.prior, "num_classes", None) is not None:
-            raise MrivqError("scoring with a class-conditional prior is not supported yet; use an unconditional run")
+        n_classes = getattr(r.prior, "num_classes", None)
+        if n_classes is not None:
+            if cls is None or not 0 <= cls < n_classes:
+                raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class 0..{n_classes - 1}")
+            cond = torch.full((idx.shape[0],), cls, dtype=torch.long, device=dev)
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)

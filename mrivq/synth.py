@@ -51,8 +51,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     progress = progress or silent()
     if count < 1:
         raise MrivqError(f"--count {count} must be at least 1")
-    if temperature <= 0:
-        raise MrivqError(f"--temperature {temperature} must be > 0")
+    if temperature < 0:
+        raise MrivqError(f"--temperature {temperature} must be >= 0 (0 picks the most likely code)")
     if top_k is not None and top_k < 1:
         raise MrivqError(f"--top-k {top_k} must be at least 1")
     dev = resolve_device(device)
