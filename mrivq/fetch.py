@@ -53,6 +53,7 @@ from urllib.parse import quote, urlsplit
 
 from mrivq.archive import kind as archive_kind
 from mrivq.archive import safe_extract
+from mrivq.atomic import atomic_write_text
 from mrivq.catalog import Card, CardFile, dataset_dir, is_archive
 from mrivq.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from mrivq.progress import Progress, silent
@@ -191,19 +192,6 @@ def _hash_into(path: Path, hashers: dict[str, Any], bar: Any | None = None) -> i
             if bar is not None:
                 bar.advance(len(chunk))
     return n
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _merge_move(src: Path, dst: Path) -> None:
@@ -359,7 +347,7 @@ class _Fetch:
     def _write_marker(self, key: str, data: dict[str, Any]) -> None:
         self.done_dir.mkdir(parents=True, exist_ok=True)
         data = {"key": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **data}
-        _atomic_write_text(self.done_dir / f"{key}.json", json.dumps(data, indent=2) + "\n")
+        atomic_write_text(self.done_dir / f"{key}.json", json.dumps(data, indent=2) + "\n")
 
     def _done_keys(self) -> list[str]:
         return sorted(p.stem for p in self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []
@@ -406,8 +394,8 @@ class _Fetch:
         w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-        _atomic_write_text(path, buf.getvalue())
-        _atomic_write_text(self.state / "manifest.json",
+        atomic_write_text(path, buf.getvalue())
+        atomic_write_text(self.state / "manifest.json",
                            json.dumps({"parts": self._done_keys(), "rows": len(rows)}) + "\n")
         return FetchResult(self.ddir, path, rows, self.bytes, False, self.warnings)
 

@@ -15,7 +15,6 @@ import gzip
 import io
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mrivq.atomic import atomic_write_bytes
 from mrivq.errors import ImageReadError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -390,12 +390,6 @@ def _pixels(f: _Frame, cache: dict[Path, np.ndarray], pydicom: Any) -> np.ndarra
 
 # ------------------------------------------------------------------------------------------ writing
 
-def _atomic_target(path: Path, suffix: str) -> tuple[int, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
-    return fd, Path(tmp)
-
-
 def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``array`` (spatial axes first, channels last for 4D) as float32 NIfTI, atomically.
 
@@ -419,17 +413,7 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -
     data = img.to_bytes()
     if name.endswith(".gz"):
         data = gzip.compress(data, compresslevel=6, mtime=0)
-    fd, tmp = _atomic_target(path, ".nii.gz" if name.endswith(".gz") else ".nii")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def to_uint8(array: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
@@ -473,17 +457,9 @@ def save_png(array: np.ndarray, path: str | os.PathLike, vmin: float | None = No
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
         raise ValueError(f"save_png needs an (H, W) or (H, W, 3|4) array, got shape {a.shape}")
     img = Image.fromarray(np.ascontiguousarray(to_uint8(a, vmin, vmax)))
-    fd, tmp = _atomic_target(path, ".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------- helpers for layout parsers
