@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import importlib
 import io
 import signal
 import socket
@@ -716,7 +717,8 @@ def test_two_threads_fetching_one_dataset(tiny, http_server, data_root, two_tars
 
 # ----------------------------------------------------------------------------- real layouts
 def _import_or_skip(mod: str):
-    return pytest.importorskip(mod, reason=f"{mod} is not written yet")
+    """Import a layout module; these tests must fail, never skip, when it is missing."""
+    return importlib.import_module(mod)
 
 
 def test_ixi_named_tar_with_real_ixi_layout(http_server, data_root, tmp_path) -> None:
@@ -748,8 +750,7 @@ def test_nifti_folder_layout(http_server, data_root, tmp_path) -> None:
 
 def test_phantom_builtin(data_root) -> None:
     phantom = _import_or_skip("mrivq.phantom")
-    if not hasattr(phantom, "write_dataset"):
-        pytest.skip("mrivq.phantom.write_dataset is not written yet")
+    assert hasattr(phantom, "write_dataset")
     card = get_card("phantom")
     opts = {"count": 2, "shape": (32, 32, 32), "spacing": 4.0, "seed": 1}
     res = fetch(card, data_root, builtin_options=opts, modalities=["t1"])

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom  # noqa: E402
 import pytest
 
 from mrivq.errors import ImageReadError
 from mrivq.io import load_volume, read_dicom_series, save_nifti, save_png, to_uint8
-
-pydicom = pytest.importorskip("pydicom")
-
 
 # ------------------------------------------------------------------------------------------ helpers
 
