@@ -12,12 +12,10 @@ import pickle
 import struct
 from pathlib import Path
 
+import nibabel as nib  # noqa: E402
 import numpy as np
 import pytest
 import torch
-
-nib = pytest.importorskip("nibabel")
-pytest.importorskip("monai")
 
 from mrivq import data as D  # noqa: E402
 from mrivq.errors import ImageReadError, MrivqError  # noqa: E402
@@ -589,11 +587,7 @@ def test_msd_segmentation_label_is_not_a_class(tmp_path):
 
 
 def test_dicom_series_folder_round_trip(tmp_path):
-    pytest.importorskip("pydicom")
-    try:
-        from tests.test_io import oblique_affine, quantised_volume, write_dicom_series
-    except ImportError:  # pragma: no cover - the DICOM writer lives with the reader's tests
-        pytest.skip("tests.test_io's DICOM writer is not available")
+    from tests.test_io import oblique_affine, quantised_volume, write_dicom_series
     ds = tmp_path / "dicom"
     aff = oblique_affine()
     vol1 = quantised_volume((20, 18, 9), seed=1)
