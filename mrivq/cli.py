@@ -106,7 +106,7 @@ def fetch(
     root: Path | None = RootOpt,
     mirror: str | None = typer.Option(None, "--mirror", help="Fetch every file by name from this base URL."),
     from_path: Path | None = typer.Option(None, "--from", help="An archive or folder you already have."),
-    count: int = typer.Option(16, "--count", help="phantom: number of subjects."),
+    count: int = typer.Option(48, "--count", help="phantom: number of subjects."),
     shape: tuple[int, int, int] = typer.Option((64, 64, 64), "--shape", help="phantom: volume shape X Y Z."),
     spacing: float = typer.Option(3.0, "--spacing", help="phantom: voxel size in mm."),
     seed: int = typer.Option(0, "--seed", help="phantom: random seed."),

@@ -59,7 +59,7 @@ from mrivq.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from mrivq.progress import Progress, silent
 
 CHUNK = 1 << 20
-BUILTIN_DEFAULTS: dict[str, Any] = {"count": 16, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0}
+BUILTIN_DEFAULTS: dict[str, Any] = {"count": 48, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0}
 STATE = ".mrivq"
 STAGING_PREFIX = ".staging-"
 _RESERVED = {STATE, "manifest.csv"}
