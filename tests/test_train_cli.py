@@ -199,3 +199,43 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_stage_prior_continues_an_existing_run(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    res = invoke("train", "--stage", "prior", "--run", str(run), "--prior-max-steps", "9", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    ck = torch.load(run / "checkpoints" / "prior_last.pt", weights_only=True)
+    assert ck["step"] == 9
+    # the VQ-VAE is untouched and the code cache reused
+    a = torch.load(trained_run / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_synth_defaults_to_latest_run(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(trained_run, tmp_path / "runs" / "a")
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    res = invoke("synth", "--count", "1", "--out", "nii", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "nii" / "synth_0000.json").read_text())
+    assert Path(side["run"]).name == "a"
+
+
+def test_datasets_listing_and_show(phantom_root: Path) -> None:
+    res = invoke("datasets", "--json")
+    cards = json.loads(res.output)
+    ixi = next(c for c in cards if c["name"] == "ixi")
+    assert any(f.get("md5") == "34901a0593b41dd19c1a1f746eac2d58" for f in ixi["files"])
+    res = invoke("datasets", "--root", str(phantom_root))
+    assert res.exit_code == 0 and "phantom" in res.output
+    res = invoke("datasets", "show", "ixi")
+    assert "IXI-T1.tar" in res.output and "CC BY-SA 3.0" in res.output
+    assert invoke("datasets", "show", "nope").exit_code == 2
