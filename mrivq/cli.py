@@ -106,10 +106,11 @@ def fetch(
     root: Path | None = RootOpt,
     mirror: str | None = typer.Option(None, "--mirror", help="Fetch every file by name from this base URL."),
     from_path: Path | None = typer.Option(None, "--from", help="An archive or folder you already have."),
-    count: int = typer.Option(48, "--count", help="phantom: number of subjects."),
-    shape: tuple[int, int, int] = typer.Option((64, 64, 64), "--shape", help="phantom: volume shape X Y Z."),
-    spacing: float = typer.Option(3.0, "--spacing", help="phantom: voxel size in mm."),
-    seed: int = typer.Option(0, "--seed", help="phantom: random seed."),
+    count: int | None = typer.Option(None, "--count", help="phantom: number of subjects (default 160)."),
+    shape: tuple[int, int, int] | None = typer.Option(
+        None, "--shape", help="phantom: volume shape X Y Z (default 64 64 64)."),
+    spacing: float | None = typer.Option(None, "--spacing", help="phantom: voxel size in mm (default 3)."),
+    seed: int | None = typer.Option(None, "--seed", help="phantom: random seed (default 0)."),
 ) -> None:
     """Download (or copy with --from), verify and lay out a dataset; writes manifest.csv."""
     from mrivq.catalog import get_card
@@ -117,7 +118,7 @@ def fetch(
 
     card = get_card(name)
     r = resolve_root(root)
-    opts = {"count": count, "shape": tuple(shape), "spacing": spacing, "seed": seed}
+    opts = {"count": count, "shape": tuple(shape) if shape else None, "spacing": spacing, "seed": seed}
     with Progress() as prog:
         res = do_fetch(card, r, modalities=modality or None, mirror=mirror, from_path=from_path,
                        progress=prog, builtin_options=opts if card.access == "builtin" else None)

@@ -59,7 +59,7 @@ from mrivq.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from mrivq.progress import Progress, silent
 
 CHUNK = 1 << 20
-BUILTIN_DEFAULTS: dict[str, Any] = {"count": 48, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0}
+BUILTIN_DEFAULTS: dict[str, Any] = {"count": 160, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0}
 STATE = ".mrivq"
 STAGING_PREFIX = ".staging-"
 _RESERVED = {STATE, "manifest.csv"}
@@ -309,7 +309,9 @@ class _Fetch:
         return self._finish()
 
     def _builtin_options(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        # defaults, then the card's own options (a user card may change them), then the caller's
         opts = dict(BUILTIN_DEFAULTS)
+        opts.update({k: v for k, v in self.card.options.items() if k in BUILTIN_DEFAULTS})
         for k, v in (options or {}).items():
             if k not in BUILTIN_DEFAULTS:
                 raise MrivqError(f"unknown option {k!r} for dataset '{self.card.name}'; "

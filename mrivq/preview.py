@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
+MIN_PANEL = 128  # panels are enlarged (nearest neighbour, integer factor) to at least this many pixels
+
+
+def _upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by an integer factor (keeps voxels visible as blocks)."""
+    return img if factor <= 1 else np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+
+
+def _factor(panels: list[np.ndarray], min_size: int) -> int:
+    """Smallest integer factor that makes the smallest panel side at least ``min_size`` pixels."""
+    smallest = min(min(p.shape[:2]) for p in panels)
+    return max(1, -(-min_size // max(smallest, 1)))
+
 
 def mid_slices(vol: np.ndarray) -> list[np.ndarray]:
     """Axial, coronal and sagittal mid-slices of a [X, Y, Z] RAS volume, displayed upright."""
@@ -21,9 +34,14 @@ def _panel(img: np.ndarray) -> list[np.ndarray]:
     return [np.rot90(img[0])]
 
 
-def montage(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Grid image: one row per input (each [C, *spatial]), panels side by side, values clipped to [0, 1]."""
+def montage(rows: list[np.ndarray], pad: int = 2, min_size: int = MIN_PANEL) -> np.ndarray:
+    """Grid image: one row per input (each [C, *spatial]), panels side by side, values clipped to [0, 1].
+
+    Small panels (a 4 mm volume is 48 voxels across) are enlarged to at least ``min_size`` pixels.
+    """
     panel_rows = [_panel(np.asarray(r, dtype=np.float32)) for r in rows]
+    f = _factor([p for row in panel_rows for p in row], min_size)
+    panel_rows = [[_upscale(p, f) for p in row] for row in panel_rows]
     h = max(p.shape[0] for row in panel_rows for p in row)
     w_per = [max(row[i].shape[1] for row in panel_rows) for i in range(len(panel_rows[0]))]
     rgb = panel_rows[0][0].ndim == 3
@@ -39,11 +57,13 @@ def montage(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def grid(images: list[np.ndarray], ncols: int = 8, pad: int = 2) -> np.ndarray:
-    """Tile 2D samples ([C, H, W] each) into one grid image."""
+def grid(images: list[np.ndarray], ncols: int = 8, pad: int = 2, min_size: int = 84) -> np.ndarray:
+    """Tile 2D samples ([C, H, W] each) into one grid image, tiles enlarged to >= ``min_size`` pixels."""
     ncols = max(1, min(ncols, len(images)))
     nrows = -(-len(images) // ncols)
     tiles = [_panel(np.asarray(im, dtype=np.float32))[0] for im in images]
+    f = _factor(tiles, min_size)
+    tiles = [_upscale(t, f) for t in tiles]
     h, w = tiles[0].shape[:2]
     shape = (nrows * (h + pad) + pad, ncols * (w + pad) + pad) + tiles[0].shape[2:]
     out = np.zeros(shape, np.float32)

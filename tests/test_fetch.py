@@ -764,6 +764,16 @@ def test_phantom_builtin(data_root) -> None:
     assert len(fetch(card, data_root, builtin_options=opts, modalities=["t1"]).rows) == len(res.rows)
 
 
+def test_builtin_defaults_come_from_the_card_then_the_caller(data_root, tmp_path) -> None:
+    card = make_card(tmp_path, [], name="mini", access="builtin", layout="phantom", modalities=["t1"],
+                     options={"count": 2, "shape": [16, 16, 16], "spacing": 8.0})
+    res = fetch(card, data_root, builtin_options={"count": None, "shape": None, "spacing": None, "seed": None})
+    assert len(res.rows) == 2  # the card's count, not the built-in default of 160
+    assert nib.load(data_root / "mini" / res.rows[0]["path"]).shape == (16, 16, 16)
+    res = fetch(card, tmp_path / "other", builtin_options={"count": 3, "shape": None})
+    assert len(res.rows) == 3  # an explicit option wins over the card
+
+
 def test_builtin_rejects_from(data_root, tmp_path) -> None:
     card = make_card(tmp_path, [], name="phantom", access="builtin", layout="phantom")
     with pytest.raises(MrivqError, match="generated on your machine; --from does not apply"):
