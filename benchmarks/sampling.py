@@ -19,8 +19,10 @@ minutes on 2 CPU cores::
 
     python benchmarks/sampling.py --threads 1 > sampling.json
 
-(``--threads 1``: on a machine whose 2 cores are shared with other jobs, 2 intra-op threads made a
-full forward up to 50x slower, which would flatter the cached sampler.)
+It ends with volumes per minute (sampling plus decoding) for the default preset pairs, as
+``synth_throughput.py`` measures them. (``--threads 1``: on a machine whose 2 cores are shared with
+other jobs, 2 intra-op threads made a full forward up to 50x slower, which would flatter the cached
+sampler.)
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # synth_throughput beside this file
+
+from synth_throughput import PAIRS, measure  # noqa: E402
 
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
 from mrivq.sampling import _uniforms, pick, sample_tokens  # noqa: E402
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--no-monai", action="store_true", help="skip MONAI's sampler")
+    ap.add_argument("--preset-count", type=int, default=4,
+                    help="volumes sampled and decoded per default preset pair (0: skip volumes per minute)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
                 row["speedup_cached_vs_monai"] = round(mon["seconds"] / t_cached, 1)
                 log(f"{size}^3 b={b}: monai {mon['seconds']:.1f}s{' (extrapolated)' if mon['extrapolated'] else ''}")
             results.append(row)
+    presets = []
+    for vq_name, prior_name in PAIRS if args.preset_count > 0 else []:
+        presets.append(measure(vq_name, prior_name, args.preset_count, args.preset_count, dev))
+        log(f"{vq_name} + {prior_name}: {presets[-1]['volumes_per_minute']} volumes/min")
     machine["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = {
         "benchmark": "sampling",
@@ -225,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine,
         "prior": {**prior.config, "parameters": params(prior)},
         "results": results,
+        "volumes_per_minute": presets,
         "target": "cached >= 100x faster than reference at 16^3 on CPU",
         "notes": "reference and MONAI use torch_threads; on CPU the cached sampler uses one thread for batches < "
                  "64 (its ops are too small to gain from more). Times in seconds; seed 0; random-init prior.",

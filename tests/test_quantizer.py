@@ -143,3 +143,57 @@ def test_cosine_codes_stay_unit_length():
     for _ in range(3):
         q(torch.randn(2, 4, 16) * 5)
     assert torch.allclose(q.codebook.norm(dim=1), torch.ones(8), atol=1e-5)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, xs: list[torch.Tensor],
+                start: dict) -> None:
+    """One rank of a CPU (gloo) process group: EMA step from a fixed codebook, then inits/restarts."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {}
+        q = VectorQuantizerEMA(num_embeddings=4, embedding_dim=3, restart_every=0)
+        q.load_state_dict(start)  # same initialised codebook on every rank
+        q.train()
+        q(xs[rank])  # each rank sees only its own batch
+        out["ema"] = _buffers(q)
+        for sync in (True, False):
+            torch.manual_seed(100 + rank)  # ranks draw different random inits and restarts
+            q = VectorQuantizerEMA(num_embeddings=32, embedding_dim=3, init="sample", restart_every=1,
+                                   restart_window=1, ddp_sync=sync)
+            q.train()
+            for step in range(3):
+                q(xs[rank] + step)
+            out[f"restart_sync={sync}"] = _buffers(q)
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_ema_statistics_and_shares_restarts(tmp_path):
+    """Under torch.distributed (gloo, 2 processes on CPU) every rank keeps the same codebook, and one
+    EMA step equals a single process's step on the ranks' batches put together."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 3, 4, 4) + 2 * r for r in range(2)]  # different data per rank
+    ref = VectorQuantizerEMA(num_embeddings=4, embedding_dim=3, restart_every=0)
+    ref.train()
+    ref(torch.randn(4, 3, 4, 4))  # initialise from some other batch
+    start = _buffers(ref)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), xs, start), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+
+    ref(torch.cat(xs))  # single process, both batches at once
+    want = _buffers(ref)
+    for name in ("codebook", "cluster_size", "embed_sum"):
+        torch.testing.assert_close(r0["ema"][name], want[name])
+        torch.testing.assert_close(r1["ema"][name], want[name])
+    # random inits and dead-code restarts are rank 0's on every rank (the ring of recent encoder
+    # outputs they are drawn from stays each rank's own) ...
+    shared = {k: v for k, v in r0["restart_sync=True"].items() if k != "recent"}
+    assert _same(shared, {k: v for k, v in r1["restart_sync=True"].items() if k != "recent"})
+    assert int(shared["step"]) == 3 and bool(shared["initialised"])
+    # ... and would drift apart without the synchronisation
+    assert not torch.equal(r0["restart_sync=False"]["codebook"], r1["restart_sync=False"]["codebook"])
