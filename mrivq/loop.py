@@ -235,8 +235,7 @@ def run_loop(
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     try:
         with catch_signals() as sig, progress.task(f"train {lc.stage}", total=lc.total_steps,
-                                                   unit="step") as bar:
-            bar.advance(step)
+                                                   unit="step", start=step) as bar:
             while step < lc.total_steps:
                 t0 = time.perf_counter()
                 with autocast():

@@ -17,10 +17,11 @@ class _Task:
     """Handle for one bar: ``advance(n)``, ``set(**fields)`` to show extra values (loss, rate)."""
 
     def __init__(self, bar: Any, task_id: Any, total: float | None, desc: str, unit: str,
-                 stream: TextIO | None) -> None:
+                 stream: TextIO | None, start: float = 0) -> None:
         self._bar, self._id, self.total, self.desc, self.unit = bar, task_id, total, desc, unit
         self._stream = stream
-        self.completed = 0.0
+        self.completed = float(start)
+        self._base = float(start)  # the rate counts only work done since start/reset (resumed runs)
         self.fields: dict[str, Any] = {}
         self._t0 = time.monotonic()
         self._last_print = 0.0
@@ -34,9 +35,10 @@ class _Task:
 
     def reset(self, completed: float = 0) -> None:
         """Restart the count (e.g. a download falling back to a whole transfer)."""
-        self.completed = completed
+        self.completed = self._base = completed
+        self._t0 = time.monotonic()
         if self._bar is not None:
-            self._bar.update(self._id, completed=completed)
+            self._bar.reset(self._id, completed=completed)
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)
@@ -56,7 +58,7 @@ class _Task:
         self._last_print = now
         done = _human(self.completed, self.unit)
         tot = f"/{_human(self.total, self.unit)}" if self.total else ""
-        rate = self.completed / max(now - self._t0, 1e-9)
+        rate = (self.completed - self._base) / max(now - self._t0, 1e-9)
         extra = f"  {self._fmt()}" if self.fields else ""
         print(f"{self.desc}: {done}{tot} ({_human(rate, self.unit)}/s){extra}", file=self._stream,
               flush=True)
@@ -116,13 +118,15 @@ class Progress:
             self._rich.__exit__(*exc)
 
     @contextmanager
-    def task(self, desc: str, total: float | None = None, unit: str = "it") -> Iterator[_Task]:
-        """A bar for one job; ``unit="B"`` shows bytes and transfer rate."""
+    def task(self, desc: str, total: float | None = None, unit: str = "it",
+             start: float = 0) -> Iterator[_Task]:
+        """A bar for one job; ``unit="B"`` shows bytes and transfer rate; ``start``: already done
+        (a resumed run), shown as done but left out of the rate."""
         if self._rich is not None:
-            tid = self._rich.add_task(desc, total=total, fields="", counts="")
-            t = _Task(self._rich, tid, total, desc, unit, None)
+            tid = self._rich.add_task(desc, total=total, completed=start, fields="", counts="")
+            t = _Task(self._rich, tid, total, desc, unit, None, start)
         else:
-            t = _Task(None, None, total, desc, unit, self.stream if self.enabled else None)
+            t = _Task(None, None, total, desc, unit, self.stream if self.enabled else None, start)
         try:
             yield t
         finally:
