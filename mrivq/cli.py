@@ -165,8 +165,8 @@ def train(
     run_dir = run or out_dir
     cfg = None
     data_dir = None
-    if (resume or stage == "prior") and run_dir is None:
-        run_dir = resolve_run(None)
+    if resume or stage == "prior":  # continue a run: the folder must be one (or the latest under runs/)
+        run_dir = resolve_run(run_dir)
     if run_dir is None or not (Path(run_dir) / "run.json").exists():
         data_dir = resolve_root(root) / dataset
         if not (data_dir / "manifest.csv").is_file():
@@ -293,7 +293,8 @@ def synth(
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature; 0 = most likely code."),
     top_k: int | None = typer.Option(None, "--top-k"),
     batch_size: int = typer.Option(4, "--batch-size"),
-    class_: int | None = typer.Option(None, "--class", help="Class id for a class-conditional prior."),
+    class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
+                                      "class-conditional prior."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
     device: str = typer.Option("auto", "--device"),
@@ -317,7 +318,8 @@ def score(
     image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output NLL map (.nii.gz)."),
     run: Path | None = RunOpt,
-    class_: int | None = typer.Option(None, "--class", help="Class id for a class-conditional prior."),
+    class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
+                                      "class-conditional prior."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Negative log-likelihood of each code under the prior, in the input's geometry."""

@@ -90,6 +90,7 @@ class Preprocess:
     divisible_by: int = 4  # the model's downsampling factor (2**levels)
     slice_axis: int = 2  # dims=2 on volumes: which axis to slice (after orientation)
     slices_per_volume: int = 1  # dims=2 on volumes: central slices per subject
+    pool_modalities: bool = False  # each modality its own 1-channel image (not channels of one)
 
     def to_dict(self) -> dict:
         return copy.deepcopy(asdict(self))
@@ -145,6 +146,13 @@ class Preprocess:
             raise bad(f"slice_axis must be 0, 1 or 2, not {self.slice_axis!r}")
         if not isinstance(self.slices_per_volume, int) or self.slices_per_volume < 1:
             raise bad(f"slices_per_volume must be a positive integer, not {self.slices_per_volume!r}")
+        if not isinstance(self.pool_modalities, bool):
+            raise bad(f"pool_modalities must be true or false, not {self.pool_modalities!r}")
+
+    @property
+    def channels(self) -> int:
+        """Input channels of a model trained with this preprocessing."""
+        return 1 if self.pool_modalities else len(self.modalities)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -225,6 +233,40 @@ def select_rows(rows: list[dict], modalities: Sequence[str]) -> list[dict]:
     if not out:
         raise MrivqError(f"no subject has all of {', '.join(modalities)}; choose fewer modalities")
     return out
+
+
+def pool_rows(rows: list[dict], modalities: Sequence[str]) -> list[dict]:
+    """One single-channel item per subject and modality (``data.pool_modalities``): a model that
+    sees T1, T2 and PD as separate images, so a prior conditioned on ``modality`` can pick one.
+    Each item carries its ``modality``."""
+    out = []
+    for m in modalities:
+        out += [{**it, "modality": m} for it in select_rows(rows, [m])]
+    return out
+
+
+def condition_items(items: list[dict], column: str, order: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Class ids for a class-conditional prior from a manifest column (``site``, ``sex``,
+    ``modality``, ``label``...). Returns the items with ``label`` set to the class id and the class
+    names (sorted, or ``order`` first), so id ``i`` means ``names[i]``. Every item needs a value."""
+    values = [str(it.get(column, "") or "") for it in items]
+    missing = sum(1 for v in values if not v)
+    if missing:
+        have = sorted({k for it in items for k in it if k in _EXTRAS or k == "modality"})
+        raise MrivqError(f"data.condition_on={column}: {missing} of {len(items)} images have no {column!r} "
+                         f"value; condition on one of: {', '.join(have) or 'nothing (no columns)'}")
+    names = [str(v) for v in (order or []) if str(v) in set(values)]
+    names += sorted(set(values) - set(names), key=_natural)
+    ids = {n: i for i, n in enumerate(names)}
+    return [{**it, "label": str(ids[v])} for it, v in zip(items, values, strict=True)], names
+
+
+def _natural(v: str) -> tuple:
+    """Numbers by value (digits 2 before 10), other names alphabetically."""
+    try:
+        return (0, float(v), "")
+    except ValueError:
+        return (1, 0.0, v)
 
 
 def _source_of(r: dict) -> dict:
@@ -1037,7 +1079,7 @@ def preprocess_file(path: Path | str | Sequence[Path | str], pre: Preprocess) ->
     t = build_transforms(pre, volumetric=not image2d, for_dataset=False)
     d = _run(t, {"image": [{"path": str(p)} for p in paths], "subject": paths[0].name})
     img = d["image"]
-    n_ch, want = int(img.shape[0]), len(pre.modalities)
+    n_ch, want = int(img.shape[0]), pre.channels
     if not image2d and want > 1 and n_ch != want:
         raise MrivqError(f"{', '.join(map(str, paths))}: {n_ch} channel(s), but the model takes {want} "
                          f"({', '.join(pre.modalities)}); pass one file per modality in that order")

@@ -152,7 +152,8 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
 
-def score_file(run: Path | None, image: Path, output: Path, device: str = "auto", cls: int | None = None) -> dict:
+def score_file(run: Path | None, image: Path, output: Path, device: str = "auto",
+               cls: str | int | None = None) -> dict:
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
@@ -162,10 +163,12 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
         idx = r.vqvae.encode_indices(x)
         cond = None
         n_classes = getattr(r.prior, "num_classes", None)
+        cls_id = r.class_id(cls)
         if n_classes is not None:
-            if cls is None or not 0 <= cls < n_classes:
-                raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class 0..{n_classes - 1}")
-            cond = torch.full((idx.shape[0],), cls, dtype=torch.long, device=dev)
+            if cls_id is None:
+                known = ", ".join(r.class_names or []) or f"0..{n_classes - 1}"
+                raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class ({known})")
+            cond = torch.full((idx.shape[0],), cls_id, dtype=torch.long, device=dev)
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)

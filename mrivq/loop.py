@@ -260,7 +260,7 @@ def run_loop(
                         logs[f"{k}_per_s"] = logs.pop(k) / max(dt, 1e-9)
                 bar.advance(1)
                 bar.set(**{k: v for k, v in logs.items() if k in ("loss", "perplexity", "voxels_per_s",
-                                                                   "nats")})
+                                                                   "items_per_s")})
                 if step % lc.log_every == 0 or step == 1:
                     log.write(step, logs)
                 if step % lc.val_every == 0 or step == lc.total_steps:

@@ -29,9 +29,17 @@ class _Task:
     def advance(self, n: float = 1) -> None:
         self.completed += n
         if self._bar is not None:
-            self._bar.update(self._id, advance=n, fields=self._fmt())
+            self._bar.update(self._id, advance=n, fields=self._fmt(), counts=self.counts())
         else:
             self._maybe_print()
+
+    def counts(self) -> str:
+        """``done/total (rate/s)``, e.g. ``1.2 GB/4.5 GB (38.0 MB/s)``; the rate leaves out work done
+        before ``start``/``reset``."""
+        done = _human(self.completed, self.unit)
+        tot = f"/{_human(self.total, self.unit)}" if self.total else ""
+        rate = (self.completed - self._base) / max(time.monotonic() - self._t0, 1e-9)
+        return f"{done}{tot} ({_human(rate, self.unit)}/s)"
 
     def reset(self, completed: float = 0) -> None:
         """Restart the count (e.g. a download falling back to a whole transfer)."""
@@ -56,12 +64,8 @@ class _Task:
         if self._stream is None or (not force and now - self._last_print < 10.0):
             return
         self._last_print = now
-        done = _human(self.completed, self.unit)
-        tot = f"/{_human(self.total, self.unit)}" if self.total else ""
-        rate = (self.completed - self._base) / max(now - self._t0, 1e-9)
         extra = f"  {self._fmt()}" if self.fields else ""
-        print(f"{self.desc}: {done}{tot} ({_human(rate, self.unit)}/s){extra}", file=self._stream,
-              flush=True)
+        print(f"{self.desc}: {self.counts()}{extra}", file=self._stream, flush=True)
 
     def close(self) -> None:
         if self._bar is None:
@@ -92,15 +96,7 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.tty:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                MofNCompleteColumn,
-                TaskProgressColumn,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
@@ -109,7 +105,6 @@ class Progress:
                 TextColumn("{task.fields[fields]}"),
                 console=Console(file=self.stream), transient=False,
             )
-            self._cols = (DownloadColumn, TransferSpeedColumn, MofNCompleteColumn)
             self._rich.__enter__()
         return self
 
@@ -132,7 +127,7 @@ class Progress:
         finally:
             t.close()
             if self._rich is not None:
-                self._rich.update(tid, counts=_human(t.completed, unit))
+                self._rich.update(tid, counts=t.counts())
 
 
 def silent() -> Progress:

@@ -145,6 +145,35 @@ class Run:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.info["latent_shape"])
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the prior's classes (``data.condition_on``), id ``i`` is ``names[i]``; None when
+        the classes are a dataset's numeric labels (MNIST digits) or the prior is unconditional."""
+        c = self.info.get("classes") or {}
+        return list(c["names"]) if c.get("names") else None
+
+    def class_id(self, value: str | int | None) -> int | None:
+        """``--class`` as an id (``0``) or a class name (``HH``, ``t2``); None stays None.
+        Raises :class:`MrivqError` for an unconditional prior or an unknown class."""
+        from mrivq.errors import MrivqError
+
+        if value is None:
+            return None
+        n = getattr(self.prior, "num_classes", None)
+        if n is None:
+            raise MrivqError(f"run {self.path.name} has an unconditional prior; drop --class")
+        names = self.class_names
+        if names and str(value) in names:
+            return names.index(str(value))
+        try:
+            i = int(str(value))
+        except ValueError:
+            i = -1
+        if not 0 <= i < n:
+            known = ", ".join(f"{k} ({v})" for k, v in enumerate(names)) if names else f"0..{n - 1}"
+            raise MrivqError(f"--class {value} is not a class of run {self.path.name}; choose one of: {known}")
+        return i
+
 
 def checkpoint_path(run: Path, stage: str, which: str = "best") -> Path:
     """``checkpoints/<stage>_<which>.pt``, falling back to ``last`` when there is no ``best``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,17 @@ def _outputs(out_dir: Path, count: int, dims: int) -> list[Path]:
     return [out_dir / f"synth_{i:04d}{ext}" for i in range(count)]
 
 
+def _intensity(r: Any, cls: int | None) -> dict:
+    """The training data's intensity range to map [0, 1] samples back to: the sampled modality's own
+    when the run pools modalities and conditions on them (T1 and T2 ranges differ), else the run's."""
+    inten = r.info.get("intensity") or {"lo": [0.0], "hi": [1.0]}
+    names = r.class_names
+    by_mod = inten.get("by_modality") or {}
+    if cls is not None and names and names[cls] in by_mod:
+        return by_mod[names[cls]]
+    return inten
+
+
 def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +52,7 @@ def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
 
 
 def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, temperature: float = 1.0,
-               top_k: int | None = None, batch_size: int = 4, cls: int | None = None,
+               top_k: int | None = None, batch_size: int = 4, cls: str | int | None = None,
                overwrite: bool = False, cached: bool = True, device: str = "auto",
                progress: Progress | None = None) -> dict:
     """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths."""
@@ -60,15 +72,14 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     dims = r.preprocess.dims
     out_dir = Path(out_dir)
     planned = _outputs(out_dir, count, dims)
-    _check_out_dir(out_dir, planned, overwrite)
+    extra = [out_dir / f"synth_{i:04d}{e}" for i in range(count) for e in ((".png", ".json") if dims == 3
+                                                                           else (".json",))]
+    _check_out_dir(out_dir, planned + extra + ([out_dir / "grid.png"] if dims == 2 else []), overwrite)
     cond = None
     n_classes = getattr(r.prior, "num_classes", None)
-    if cls is not None:
-        if n_classes is None:
-            raise MrivqError(f"run {r.path.name} has an unconditional prior; drop --class")
-        if not 0 <= cls < n_classes:
-            raise MrivqError(f"--class {cls} is outside 0..{n_classes - 1}")
-        cond = torch.full((count,), cls, dtype=torch.long, device=dev)
+    cls_id = r.class_id(cls)
+    if cls_id is not None:
+        cond = torch.full((count,), cls_id, dtype=torch.long, device=dev)
     elif n_classes is not None:  # conditional prior and no class asked for: cycle through classes
         cond = torch.arange(count, device=dev) % n_classes
     tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
@@ -86,7 +97,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         path = planned[i]
         if dims == 3:
             affine = D.synth_geometry(r.preprocess, x.shape[1:])
-            vol = D.to_intensity(x, r.info.get("intensity") or {"lo": [0.0] * len(x), "hi": [1.0] * len(x)})
+            vol = D.to_intensity(x, _intensity(r, None if cond is None else int(cond[i])))
             save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, path)
             png = out_dir / f"synth_{i:04d}.png"
             save_png(montage([x]), png)
@@ -95,7 +106,9 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             img = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
             save_png(img, path)
         side = out_dir / f"synth_{i:04d}.json"
-        write_json(side, {**prov, "index": i, "class": None if cond is None else int(cond[i])})
+        c = None if cond is None else int(cond[i])
+        write_json(side, {**prov, "index": i, "class": c,
+                          "class_name": r.class_names[c] if c is not None and r.class_names else None})
         images.append(str(path))
         sidecars.append(str(side))
     if dims == 2:

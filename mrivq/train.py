@@ -6,6 +6,7 @@ PixelCNN prior (stage 2, :mod:`mrivq.train_prior`) on the code grids of the trai
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +42,27 @@ class Split:
     val: Any
     pre: D.Preprocess
     stats: dict
+    classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
 
 
 def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> Split:
     """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets."""
     pre = D.Preprocess.from_dict(cfg["data"])
+    levels = len(cfg.get("model", {}).get("channels") or ())
+    if levels:  # pad to the model's downsampling factor even when a --set changed the levels
+        pre.divisible_by = math.lcm(int(pre.divisible_by), 2 ** levels)
     pre.validate()
     tcfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
     rows = D.load_manifest(data_dir)
-    rows = D.select_rows(rows, pre.modalities)
+    rows = D.pool_rows(rows, pre.modalities) if pre.pool_modalities else D.select_rows(rows, pre.modalities)
+    classes = None
+    column = cfg["data"].get("condition_on")
+    if column:
+        if column == "modality" and not pre.pool_modalities and len(pre.modalities) > 1:
+            raise MrivqError("data.condition_on=modality needs data.pool_modalities=true (each modality its "
+                             "own image); add --set data.pool_modalities=true")
+        rows, names = D.condition_items(rows, str(column), order=pre.modalities if column == "modality" else None)
+        classes = {"column": str(column), "names": names}
     if cfg["data"].get("max_subjects"):
         keep = sorted({r["subject"] for r in rows})[: int(cfg["data"]["max_subjects"])]
         rows = [r for r in rows if r["subject"] in set(keep)]
@@ -65,7 +78,10 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> S
     train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
     val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
     stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
-    return Split(train, val, pre, stats)
+    if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
+        stats["by_modality"] = {m: D.dataset_intensity_stats([r for r in tr_rows if r["modality"] == m], data_dir, pre)
+                                for m in pre.modalities if any(r["modality"] == m for r in tr_rows)}
+    return Split(train, val, pre, stats, classes)
 
 
 def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
@@ -146,7 +162,7 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     update_run_info(run_dir, preprocess=split.pre.to_dict(), latent_shape=list(latent),
                     image_shape=list(spatial), in_channels=in_ch, intensity=split.stats,
                     model_config={**read_run_info(run_dir).get("model_config", {}), "vqvae": model.config},
-                    n_train=n, n_val=len(split.val))
+                    n_train=n, n_val=len(split.val), classes=split.classes)
     recon = F.l1_loss if tcfg["recon_loss"] == "l1" else F.mse_loss
     dims = split.pre.dims
     preview_every = int(tcfg["preview_every"] or tcfg["val_every"])

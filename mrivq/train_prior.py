@@ -101,6 +101,15 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     info = read_run_info(run_dir)
     num_embeddings = int(info["model_config"]["vqvae"].get("num_embeddings", 512))
     torch.manual_seed(tcfg["seed"])
+    classes = getattr(split, "classes", None)
+    if classes:  # data.condition_on: one class per value of the column
+        want = len(classes["names"])
+        set_n = cfg.get("prior", {}).get("model", {}).get("num_classes")
+        if set_n is not None and int(set_n) != want:
+            raise MrivqError(f"prior.model.num_classes is {set_n} but data.condition_on={classes['column']} has "
+                             f"{want} values ({', '.join(classes['names'])}); drop num_classes or set it to {want}")
+        cfg = {**cfg, "prior": {**cfg.get("prior", {}),
+                                "model": {**cfg.get("prior", {}).get("model", {}), "num_classes": want}}}
     prior = build_prior(cfg, split.pre.dims, num_embeddings).to(device)
     conditional = getattr(prior, "num_classes", None) is not None
     tr, va = codes["train"], codes["val"]
@@ -108,7 +117,7 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     va_lab = codes.get("val_labels") if conditional else None
     if conditional and tr_lab is None:
         raise MrivqError("prior.model.num_classes is set but the dataset has no labels; remove num_classes")
-    update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config})
+    update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes)
     n, bs = len(tr), int(tcfg["batch_size"])
     from mrivq.train import _total_steps
 

@@ -47,3 +47,22 @@ def test_silent_progress_prints_nothing() -> None:
     with P.Progress(enabled=False, stream=out) as prog, prog.task("t", total=3) as bar:
         bar.advance(3)
     assert out.getvalue() == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_bar_shows_bytes_and_rate(monkeypatch) -> None:
+    """On a terminal the rich bar shows done/total bytes and the transfer rate, not just a percent."""
+    clock = Clock()
+    monkeypatch.setattr(P.time, "monotonic", clock)
+    out = Terminal()
+    with P.Progress(enabled=True, stream=out) as prog, prog.task("IXI-T1.tar", total=4 * 2**20,
+                                                                 unit="B") as bar:
+        clock.t += 2.0
+        bar.advance(2**20)
+        assert bar.counts() == "1.0 MB/4.0 MB (512.0 KB/s)"
+        bar.advance(3 * 2**20)
+    assert "4.0 MB/4.0 MB" in out.getvalue()

@@ -100,6 +100,29 @@ def test_synth_writes_nifti_png_and_sidecars(trained_run: Path, tmp_path: Path) 
                   "--device", "cpu")
     assert res3.exit_code == 0
     assert np.array_equal(nib.load(tmp_path / "b" / "synth_0000.nii.gz").get_fdata(), img.get_fdata())
+    # intensities in the training data's units: [0, 1] mapped through the run's median range
+    inten = json.loads((trained_run / "run.json").read_text())["intensity"]
+    lo, hi = inten["lo"][0], inten["hi"][0]
+    vals = img.get_fdata()
+    assert hi > lo and lo - 1e-3 <= vals.min() and vals.max() <= hi + 1e-3 and vals.max() > lo + 0.1 * (hi - lo)
+
+
+def test_synth_guards_every_output_and_the_folder(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    res = invoke("synth", "--run", str(trained_run), "--count", "1", "--out", str(out), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    for name in ("synth_0000.nii.gz", "synth_0000.png"):  # only the sidecar is left: still refused
+        (out / name).unlink()
+    side = (out / "synth_0000.json").read_text()
+    res = invoke("synth", "--run", str(trained_run), "--count", "1", "--out", str(out), "--device", "cpu")
+    assert res.exit_code == 2 and "synth_0000.json already exists" in res.output
+    assert (out / "synth_0000.json").read_text() == side and not (out / "synth_0000.nii.gz").exists()
+    assert invoke("synth", "--run", str(trained_run), "--count", "1", "--out", str(out), "--device", "cpu",
+                  "--overwrite").exit_code == 0
+    (tmp_path / "file").write_text("x")
+    res = invoke("synth", "--run", str(trained_run), "--count", "1", "--out", str(tmp_path / "file" / "sub"),
+                 "--device", "cpu")
+    assert res.exit_code == 2 and "cannot create output folder" in res.output
 
 
 def _an_input(phantom_root: Path, tmp_path: Path) -> Path:
@@ -154,9 +177,18 @@ def test_score_and_eval(trained_run: Path, phantom_root: Path, tmp_path: Path) -
     (["encode", "{tmp}/missing.nii.gz", "-o", "{tmp}/c.npz", "--run", "{run}"], "missing.nii.gz"),
     (["train", "--dims", "4"], "--dims"),
     (["decode", "{tmp}/junk.npz", "-o", "{tmp}/o.nii.gz", "--run", "{run}"], "junk.npz"),
+    (["train", "--stage", "prior", "--run", "{tmp}"], "is not an mrivq run"),
+    (["train", "--resume", "--out", "{tmp}/nope"], "nope does not exist"),
+    (["encode", "{tmp}/slice.png", "-o", "{tmp}/c.npz", "--run", "{run}"], "2D image but the model is 3D"),
+    (["encode", "{tmp}/two.nii.gz", "-o", "{tmp}/c.npz", "--run", "{run}"], "2 channel(s) but the run expects 1"),
 ])
 def test_cli_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, trained_run: Path) -> None:
+    from PIL import Image
+
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "slice.png")
+    vol = np.random.default_rng(0).random((32, 32, 32, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "two.nii.gz")
     args = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(trained_run)) for a in args]
     proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -182,7 +214,9 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     full = tmp_path / "full"
     subprocess.run([*base, "--out", str(full)], check=True, capture_output=True, env=env, timeout=600)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*base, "--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # no periodic checkpoints in the interrupted run: the one it resumes from must be the signal's
+    proc = subprocess.Popen([*base, "--out", str(cut), "--set", "train.ckpt_every=1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
     metrics = cut / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -194,8 +228,43 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     assert proc.returncode == 130, stderr
     step = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"]
     assert 10 <= step < 40, "the signal should arrive mid-run"
+    assert f"vqvae interrupted at step {step}; checkpoint written" in stderr
     subprocess.run([*base, "--out", str(cut), "--resume"], check=True, capture_output=True, env=env, timeout=600)
     a, b = _weights(full / "checkpoints" / "vqvae_last.pt"), _weights(cut / "checkpoints" / "vqvae_last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_prior_resume_after_sigint_equals_uninterrupted(trained_run: Path, tmp_path: Path) -> None:
+    """Ctrl-C in stage 2 writes prior_last.pt at the step it stopped; resuming gives the same prior."""
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    shutil.copytree(trained_run, full)
+    shutil.copytree(trained_run, cut)
+    start = torch.load(cut / "checkpoints" / "prior_last.pt", weights_only=True)["step"]
+    base = [sys.executable, "-m", "mrivq", "train", "--stage", "prior", "--device", "cpu", "--prior-max-steps", "600"]
+    subprocess.run([*base, "--run", str(full)], check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.Popen([*base, "--run", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            text=True)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+        if any(x["stage"] == "prior" and x["step"] >= start + 30 for x in lines):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    step = torch.load(cut / "checkpoints" / "prior_last.pt", weights_only=True)["step"]
+    assert start + 30 <= step < 600, "the signal should arrive mid-run"
+    assert f"prior interrupted at step {step}; checkpoint written" in stderr
+    assert (cut / "checkpoints" / "prior_best.pt").is_file()
+    subprocess.run([*base, "--run", str(cut)], check=True, capture_output=True, env=env, timeout=600)
+    a, b = _weights(full / "checkpoints" / "prior_last.pt"), _weights(cut / "checkpoints" / "prior_last.pt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -234,8 +303,28 @@ def test_datasets_listing_and_show(phantom_root: Path) -> None:
     cards = json.loads(res.output)
     ixi = next(c for c in cards if c["name"] == "ixi")
     assert any(f.get("md5") == "34901a0593b41dd19c1a1f746eac2d58" for f in ixi["files"])
-    res = invoke("datasets", "--root", str(phantom_root))
-    assert res.exit_code == 0 and "phantom" in res.output
+    proc = subprocess.run([sys.executable, "-m", "mrivq", "datasets", "--root", str(phantom_root)], text=True,
+                          capture_output=True, env={**os.environ, "COLUMNS": "200"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {cells[0]: cells for line in proc.stdout.splitlines()
+            if (cells := [c.strip() for c in line.strip("│ ").split("│")]) and len(cells) == 6}
+    assert rows["phantom"][3] == "builtin" and rows["phantom"][5] == "pd, t1, t2"  # fetched: its modalities
+    assert rows["ixi"][1:6] == ["t1, t2, pd, mra, dti", ">= 15.9 GB", "open", "CC BY-SA 3.0", "-"]
+    assert rows["brats"][3] == "manual" and rows["brats"][5] == "-"
     res = invoke("datasets", "show", "ixi")
     assert "IXI-T1.tar" in res.output and "CC BY-SA 3.0" in res.output
     assert invoke("datasets", "show", "nope").exit_code == 2
+
+
+def test_padding_follows_the_model_levels(phantom_root: Path, tmp_path: Path) -> None:
+    """Three levels via --set (factor 8) on a preset that pads to 4: volumes are padded to 8."""
+    run = tmp_path / "r"
+    res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
+                 "--out", str(run), "--device", "cpu", "--stage", "vqvae", "--max-steps", "2", *TINY,
+                 "--set", "data.shape=null", "--set", "data.spacing=[7.0,7.0,7.0]",
+                 "--set", "model.channels=[8,8,16]", "--set", "model.num_res_channels=[8,8,16]")
+    assert res.exit_code == 0, res.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["preprocess"]["divisible_by"] == 8
+    assert all(s % 8 == 0 for s in info["image_shape"])
+    assert info["latent_shape"] == [s // 8 for s in info["image_shape"]]
