@@ -95,9 +95,10 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             "temperature": temperature, "top_k": top_k, "sampler": "cached" if cached else "reference"}
     for i, x in enumerate(decoded):
         path = planned[i]
+        c = None if cond is None else int(cond[i])
         if dims == 3:
             affine = D.synth_geometry(r.preprocess, x.shape[1:])
-            vol = D.to_intensity(x, _intensity(r, None if cond is None else int(cond[i])))
+            vol = D.to_intensity(x, _intensity(r, c))
             save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, path)
             png = out_dir / f"synth_{i:04d}.png"
             save_png(montage([x]), png)
@@ -106,7 +107,6 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             img = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
             save_png(img, path)
         side = out_dir / f"synth_{i:04d}.json"
-        c = None if cond is None else int(cond[i])
         write_json(side, {**prov, "index": i, "class": c,
                           "class_name": r.class_names[c] if c is not None and r.class_names else None})
         images.append(str(path))

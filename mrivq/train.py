@@ -79,8 +79,10 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> S
     val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
     stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
     if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
-        stats["by_modality"] = {m: D.dataset_intensity_stats([r for r in tr_rows if r["modality"] == m], data_dir, pre)
-                                for m in pre.modalities if any(r["modality"] == m for r in tr_rows)}
+        by_mod: dict[str, list] = {}
+        for r in tr_rows:
+            by_mod.setdefault(r["modality"], []).append(r)
+        stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
     return Split(train, val, pre, stats, classes)
 
 

@@ -101,7 +101,7 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     info = read_run_info(run_dir)
     num_embeddings = int(info["model_config"]["vqvae"].get("num_embeddings", 512))
     torch.manual_seed(tcfg["seed"])
-    classes = getattr(split, "classes", None)
+    classes = split.classes
     if classes:  # data.condition_on: one class per value of the column
         want = len(classes["names"])
         set_n = cfg.get("prior", {}).get("model", {}).get("num_classes")

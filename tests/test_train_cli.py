@@ -207,6 +207,20 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
+def _signal_at(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig: int) -> str:
+    """Send ``sig`` once ``metrics`` logs ``stage`` at ``step`` or later; the run must exit with 130."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if any(x["stage"] == stage and x["step"] >= step for x in lines):
+            break
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    return stderr
+
+
 def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path) -> None:
     base = [sys.executable, "-m", "mrivq", "train", "--dataset", "phantom", "--root", str(phantom_root),
             "--preset", "vqvae3d-cpu", "--device", "cpu", "--stage", "vqvae", "--max-steps", "40", *TINY]
@@ -217,15 +231,7 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     # no periodic checkpoints in the interrupted run: the one it resumes from must be the signal's
     proc = subprocess.Popen([*base, "--out", str(cut), "--set", "train.ckpt_every=1000"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True)
-    metrics = cut / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.is_file() and any(json.loads(x)["step"] >= 10 for x in metrics.read_text().splitlines()):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr
+    stderr = _signal_at(proc, cut / "metrics.jsonl", "vqvae", 10, signal.SIGTERM)
     step = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"]
     assert 10 <= step < 40, "the signal should arrive mid-run"
     assert f"vqvae interrupted at step {step}; checkpoint written" in stderr
@@ -249,16 +255,7 @@ def test_prior_resume_after_sigint_equals_uninterrupted(trained_run: Path, tmp_p
     subprocess.run([*base, "--run", str(full)], check=True, capture_output=True, env=env, timeout=600)
     proc = subprocess.Popen([*base, "--run", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             text=True)
-    metrics = cut / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-        if any(x["stage"] == "prior" and x["step"] >= start + 30 for x in lines):
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr
+    stderr = _signal_at(proc, cut / "metrics.jsonl", "prior", start + 30, signal.SIGINT)
     step = torch.load(cut / "checkpoints" / "prior_last.pt", weights_only=True)["step"]
     assert start + 30 <= step < 600, "the signal should arrive mid-run"
     assert f"prior interrupted at step {step}; checkpoint written" in stderr
