@@ -1,0 +1,246 @@
+"""Datasets of preprocessed items: :class:`VolumeDataset` (a MONAI memory/disk/plain dataset of
+volumes or 2D images, sliced for 2D models on volumes), :class:`ArrayDataset` (MNIST/CIFAR arrays
+kept in memory), :func:`make_dataset` which picks and fills one, and the progress helpers that show
+the cache filling.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from multiprocessing.pool import ThreadPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from mrivq.data.intensity import _stats_of, dataset_intensity_stats
+from mrivq.data.items import _LOHI_MEMO, _data_items, _item_kind, _label, _memo_key
+from mrivq.data.manifest import select_rows
+from mrivq.data.preprocess import Preprocess
+from mrivq.data.readers import read_array_file
+from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
+from mrivq.errors import ImageReadError, MrivqError
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Items ``{"image": FloatTensor[C, *spatial], "subject": str, ["label": int]}``.
+
+    Wraps a MONAI dataset of per-subject items; with a 2D model on volumes each subject holds
+    ``slices`` slices and index ``i`` is slice ``i % slices`` of subject ``i // slices``.
+    ``stats`` gives the median intensity range of the subjects (see :func:`dataset_intensity_stats`).
+    """
+
+    def __init__(self, base: Any, items: list[dict], pre: Preprocess, dataset_dir: Path, *, slices: int = 1,
+                 has_label: bool = False, lohi: list | None = None) -> None:
+        self.base, self.items, self.pre, self.dataset_dir = base, items, pre, Path(dataset_dir)
+        self.slices, self.has_label = int(slices), has_label
+        self._lohi = lohi
+        self._stats: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.base) * self.slices
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        j, s = divmod(i, self.slices)
+        d = _run(self.base.__getitem__, j)
+        img = d["image"]
+        if self.pre.dims == 2 and img.ndim == 4:  # [n, C, H, W] slices of a volume
+            img = img[s]
+        out = {"image": img, "subject": d["subject"]}
+        if self.has_label:
+            out["label"] = int(d["label"])
+        return out
+
+    @property
+    def subjects(self) -> list[str]:
+        return [str(it["subject"]) for it in self.items]
+
+    @property
+    def stats(self) -> dict:
+        if self._stats is None:
+            if self._lohi:
+                self._stats = _stats_of(self._lohi, self.pre)
+            else:
+                self._stats = dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
+        return self._stats
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """2D arrays (MNIST, CIFAR): uint8 kept in memory, scaled by 1/255 and padded/cropped per item
+    with the index mapping MONAI's pad/crop would produce (so it matches :func:`preprocess_file`)."""
+
+    def __init__(self, items: list[dict], dataset_dir: Path, pre: Preprocess, has_label: bool,
+                 progress: Any = None) -> None:
+        self.items, self.pre, self.dataset_dir, self.has_label = items, pre, Path(dataset_dir), has_label
+        per_channel: list[list[tuple[np.ndarray, int]]] = []
+        files: dict[str, np.ndarray] = {}
+        with _progress_task(progress, "reading images", len(items)) as task:
+            for it in items:
+                chans = []
+                for s in it["sources"]:
+                    p = Path(s["path"])
+                    if s["path"] not in files:
+                        files[s["path"]] = read_array_file(p if p.is_absolute() else self.dataset_dir / p)
+                    arr = files[s["path"]]
+                    i = int(s["index"])
+                    if not 0 <= i < arr.shape[0]:
+                        raise ImageReadError(f"{p} has {arr.shape[0]} images; index {i} is out of range; re-fetch")
+                    chans.append((arr, i))
+                per_channel.append(chans)
+                task.advance()
+        self._refs = per_channel
+        first = self._raw(0) if items else np.zeros((1, 1, 1), np.uint8)
+        self._fixed = 255.0 if first.dtype == np.uint8 else None
+        self.in_shape = tuple(first.shape[1:])
+        self._map, self.out_shape = _pad_crop_map(self.in_shape, pre)
+        self.labels = [_label(it) for it in items] if has_label else None
+
+    def _raw(self, j: int) -> np.ndarray:
+        parts = []
+        for arr, i in self._refs[j]:
+            img = arr[i]
+            parts.append(np.moveaxis(img, -1, 0) if img.ndim == 3 else img[None])
+        return np.concatenate(parts, 0) if len(parts) > 1 else parts[0]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> dict:
+        raw = self._raw(j)
+        if raw.shape[1:] != self.in_shape:
+            raise ImageReadError(f"image {self.items[j]['subject']} is {raw.shape[1:]}, not {self.in_shape} "
+                                 "like the others; re-fetch")
+        x = torch.from_numpy(np.ascontiguousarray(raw)).float()
+        x = x / self._fixed if self._fixed else _scale_np(x, self.pre)
+        flat = x.reshape(x.shape[0], -1)
+        valid = self._map >= 0
+        out = torch.zeros((x.shape[0], int(valid.numel())), dtype=torch.float32)
+        out[:, valid] = flat[:, self._map[valid]]
+        d = {"image": out.reshape(x.shape[0], *self.out_shape), "subject": str(self.items[j]["subject"])}
+        if self.has_label:
+            d["label"] = self.labels[j]
+        return d
+
+    @property
+    def subjects(self) -> list[str]:
+        return [str(it["subject"]) for it in self.items]
+
+    @property
+    def stats(self) -> dict:
+        return dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
+
+
+def _scale_np(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    lo = torch.quantile(x.reshape(x.shape[0], -1), pre.percentiles[0] / 100, dim=1).reshape(-1, 1, 1)
+    hi = torch.quantile(x.reshape(x.shape[0], -1), pre.percentiles[1] / 100, dim=1).reshape(-1, 1, 1)
+    y = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return y.clamp(0, 1) if pre.clip else y
+
+
+class _CacheDataset(CacheDataset):
+    """MONAI's CacheDataset, advancing a progress task for each item it caches."""
+
+    def __init__(self, data: list, transform: Any, num_workers: int, task: Any) -> None:
+        self._task = task
+        super().__init__(data, transform, num_workers=max(1, num_workers), progress=False, copy_cache=False)
+        self._task = None  # filled; keep the dataset picklable for spawned DataLoader workers
+
+    def _load_cache_item(self, idx: int):
+        item = super()._load_cache_item(idx)
+        if self._task is not None:
+            with _ADV_LOCK:
+                self._task.advance()
+        return item
+
+
+_ADV_LOCK = threading.Lock()
+
+
+class _NullTask:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+class _progress_task:
+    """``with _progress_task(progress, desc, total) as t`` -> a progress task, or a no-op one."""
+
+    def __init__(self, progress: Any, desc: str, total: int) -> None:
+        self.progress, self.desc, self.total, self._cm = progress, desc, total, None
+
+    def __enter__(self):
+        if self.progress is None or not hasattr(self.progress, "task"):
+            return _NullTask()
+        self._cm = self.progress.task(self.desc, total=self.total)
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        if self._cm is not None:
+            return self._cm.__exit__(*exc)
+        return False
+
+
+def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache: str = "memory",
+                 cache_dir: Path | None = None, num_workers: int = 0, progress: Any = None) -> torch.utils.data.Dataset:
+    """A dataset of preprocessed items (see :class:`VolumeDataset`).
+
+    ``cache``: "memory" (MONAI CacheDataset, filled now), "disk" (MONAI PersistentDataset under
+    ``cache_dir``, filled now; keyed by file, file stamp and preprocessing) or "none" (load per access).
+    ``num_workers`` threads fill the cache; ``progress`` (a :class:`mrivq.progress.Progress`) shows it.
+    ``rows`` are manifest rows or :func:`select_rows` items. Errors name the file (ImageReadError /
+    MrivqError one-liners). With the memory cache, items share the cached tensors: don't modify
+    them in place.
+    """
+    pre.validate()
+    dataset_dir = Path(dataset_dir)
+    if cache not in ("memory", "disk", "none"):
+        raise MrivqError(f"cache must be memory, disk or none, not {cache!r}")
+    items = select_rows(rows, pre.modalities) if rows else []
+    has_label = any(_label(it) >= 0 for it in items)
+    kinds = {_item_kind(it) for it in items}
+    if len(kinds) > 1:
+        raise MrivqError(f"the selected rows mix {', '.join(sorted(kinds))} images; select one kind")
+    kind = kinds.pop() if kinds else "volume"
+    if kind == "array":
+        if pre.dims != 2:
+            raise MrivqError("this dataset holds 2D images; use dims=2 (a 2D preset)")
+        return ArrayDataset(items, dataset_dir, pre, has_label, progress)
+    if kind == "image2d" and pre.dims != 2:
+        raise MrivqError("this dataset holds 2D images; use dims=2 (a 2D preset)")
+    volumetric = kind == "volume"
+    transform = build_transforms(pre, volumetric=volumetric, for_dataset=True, base=None)
+    data = _data_items(items, dataset_dir, pre, has_label)
+    slices = pre.slices_per_volume if (volumetric and pre.dims == 2) else 1
+    lohi: list | None = None
+    desc = f"preprocessing {dataset_dir.name}"
+    if cache == "memory":
+        with _progress_task(progress, desc, len(data)) as task:
+            base = _run(_CacheDataset, data, transform, num_workers, task)
+        lohi = [(c["lo"], c["hi"]) for c in base._cache]
+    elif cache == "disk":
+        if cache_dir is None:
+            raise MrivqError("cache='disk' needs a cache_dir")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kw = {"weights_only": True} if "weights_only" in inspect.signature(PersistentDataset).parameters else {}
+        base = PersistentDataset(data, transform, cache_dir=Path(cache_dir), **kw)
+        with _progress_task(progress, desc, len(data)) as task:
+            def warm(i: int):
+                c = _run(base._cachecheck, base.data[i])
+                with _ADV_LOCK:
+                    task.advance()
+                return c["lo"], c["hi"]
+
+            with ThreadPool(max(1, num_workers)) as pool:
+                lohi = list(pool.imap(warm, range(len(data))))
+    else:
+        base = Dataset(data, transform)
+    if lohi:
+        for d, lh in zip(data, lohi, strict=True):
+            _LOHI_MEMO[_memo_key(d)] = ([float(v) for v in lh[0]], [float(v) for v in lh[1]])
+    return VolumeDataset(base, items, pre, dataset_dir, slices=slices, has_label=has_label, lohi=lohi)

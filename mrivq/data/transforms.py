@@ -1,0 +1,225 @@
+"""The MONAI transforms of the pipeline: :class:`LoadSourcesd` (sources -> MetaTensor),
+:class:`ScalePercentilesd` (invertible percentile scaling), :class:`CentralSlicesd`, the pad/crop
+choice and its index map for 2D arrays, :func:`build_transforms` (the Compose used by datasets,
+single files and :func:`mrivq.data.restore`) and :func:`_run`, which surfaces our one-line errors
+from inside MONAI's wrapped ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    DivisiblePadd,
+    EnsureTyped,
+    InvertibleTransform,
+    MapTransform,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    SelectItemsd,
+    Spacingd,
+    SpatialResample,
+)
+
+from mrivq.data.preprocess import Preprocess
+from mrivq.data.readers import _is_image2d, _load_source
+from mrivq.errors import ImageReadError, MrivqError
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+class LoadSourcesd(MapTransform):
+    """``d[key]`` (a list of sources) -> MetaTensor [C, *spatial] with its affine; sources after
+    the first are resampled (bilinear) onto the first one's grid when their grids differ."""
+
+    def __init__(self, keys: str = "image", base: str | None = None) -> None:
+        super().__init__(keys)
+        self.base = Path(base) if base else None
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            sources = d[key]
+            chans, fixed, ref_aff, ref_shape, had_ch = [], None, None, None, False
+            for i, src in enumerate(sources):
+                arr, aff, ch, fx = _load_source(src, self.base)
+                if i == 0:
+                    ref_aff, ref_shape, had_ch, fixed = aff, arr.shape[1:], ch, fx
+                    chans.append(torch.from_numpy(arr))
+                    continue
+                fixed = fixed if fx == fixed else None
+                if arr.shape[1:] == ref_shape and np.allclose(aff, ref_aff, atol=1e-4):
+                    chans.append(torch.from_numpy(arr))
+                    continue
+                if "index" in src or _is_image2d(Path(src["path"])):
+                    raise ImageReadError(f"{src['path']} is {arr.shape[1:]} but {sources[0]['path']} is "
+                                         f"{ref_shape}; 2D channels must have the same size")
+                mt = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(aff))
+                res = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
+                    mt, dst_affine=torch.as_tensor(ref_aff), spatial_size=tuple(ref_shape))
+                chans.append(torch.as_tensor(res.as_tensor() if hasattr(res, "as_tensor") else res).float())
+            img = torch.cat(chans, 0).float()
+            d[key] = MetaTensor(img, affine=torch.as_tensor(ref_aff, dtype=torch.float64))
+            d["fixed_range"] = list(fixed) if fixed else None
+            d["channels_last"] = bool(had_ch)
+            d["orig_shape"] = [int(s) for s in ref_shape]
+            d["orig_affine"] = np.asarray(ref_aff, dtype=np.float64).tolist()
+        return d
+
+
+class ScalePercentilesd(MapTransform, InvertibleTransform):
+    """Per channel: [percentile lo, percentile hi] -> [0, 1] (optionally clipped). The lo/hi used
+    are recorded in the applied operation (for the inverse) and in ``d["lo"]``/``d["hi"]``.
+    Data with a fixed range (8-bit images) is scaled by that range instead."""
+
+    def __init__(self, keys: str = "image", lower: float = 0.5, upper: float = 99.5, clip: bool = True):
+        super().__init__(keys)
+        self.lower, self.upper, self.clip = float(lower), float(upper), bool(clip)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            fixed = d.get("fixed_range")
+            if fixed:
+                lo = [float(fixed[0])] * x.shape[0]
+                hi = [float(fixed[1])] * x.shape[0]
+            else:
+                lo, hi = [], []
+                for c in range(x.shape[0]):
+                    a, b = np.percentile(x[c].numpy().ravel(), [self.lower, self.upper])
+                    lo.append(float(a))
+                    hi.append(float(b) if b > a else float(a) + 1.0)  # constant image: shift only
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            lo_t = torch.tensor(lo, dtype=x.dtype).reshape(shape)
+            hi_t = torch.tensor(hi, dtype=x.dtype).reshape(shape)
+            y = (x - lo_t) / (hi_t - lo_t)
+            if self.clip:
+                y = y.clamp(0.0, 1.0)
+            if isinstance(img, MetaTensor):
+                y = MetaTensor(y, meta=img.meta, applied_operations=list(img.applied_operations))
+            self.push_transform(y, extra_info={"lo": lo, "hi": hi})
+            d[key], d["lo"], d["hi"] = y, lo, hi
+        return d
+
+    def inverse(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            op = self.pop_transform(d[key])
+            info = op["extra_info"]
+            img = d[key]
+            x = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            lo = torch.tensor(info["lo"], dtype=x.dtype).reshape(shape)
+            hi = torch.tensor(info["hi"], dtype=x.dtype).reshape(shape)
+            y = x * (hi - lo) + lo
+            if isinstance(img, MetaTensor):
+                y = MetaTensor(y, meta=img.meta, applied_operations=list(img.applied_operations))
+            d[key] = y
+        return d
+
+
+class CentralSlicesd(MapTransform):
+    """[C, X, Y, Z] -> [n, C, H, W]: the ``n`` central slices along spatial ``axis``."""
+
+    def __init__(self, keys: str = "image", axis: int = 2, n: int = 1) -> None:
+        super().__init__(keys)
+        self.axis, self.n = int(axis), int(n)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            depth = x.shape[1 + self.axis]
+            idx = central_slices(depth, self.n)
+            d[key] = x.movedim(1 + self.axis, 0)[idx].contiguous()
+        return d
+
+
+def central_slices(depth: int, n: int) -> list[int]:
+    """Indices of the ``n`` central slices of ``depth`` (edge slices repeat when n > depth)."""
+    start = depth // 2 - n // 2
+    return [min(max(start + i, 0), depth - 1) for i in range(n)]
+
+
+def _volumetric_pixdim(pre: Preprocess) -> list[float] | None:
+    if pre.spacing is None:
+        return None
+    if len(pre.spacing) == 3:
+        return [float(s) for s in pre.spacing]
+    inplane = iter(float(s) for s in pre.spacing)  # dims=2: in-plane spacing, slice spacing kept
+    return [-1.0 if a == pre.slice_axis else next(inplane) for a in range(3)]
+
+
+def _pad_crop(pre: Preprocess, nd: int, volumetric_2d: bool) -> tuple[str, Any]:
+    """('shape', spatial_size) or ('k', k) for ``nd`` spatial dims."""
+    if volumetric_2d:  # 2D model on volumes: pad/crop in-plane only
+        if pre.shape is not None:
+            it = iter(pre.shape)
+            return "shape", [-1 if a == pre.slice_axis else next(it) for a in range(3)]
+        return "k", [1 if a == pre.slice_axis else pre.divisible_by for a in range(3)]
+    if pre.shape is not None:
+        return "shape", list(pre.shape)
+    return "k", [pre.divisible_by] * nd
+
+
+def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, base: Path | None = None):
+    """The MONAI Compose for volumes (``volumetric``) or 2D images; ``for_dataset`` adds typing,
+    key selection and (2D model on volumes) central-slice extraction."""
+    ts: list = [LoadSourcesd("image", base=str(base) if base else None)]
+    if volumetric:
+        ts.append(Orientationd("image", axcodes=pre.orientation.upper(), labels=_RAS_LABELS))
+        pixdim = _volumetric_pixdim(pre)
+        if pixdim is not None:
+            ts.append(Spacingd("image", pixdim=pixdim, mode="bilinear", padding_mode="border",
+                                    dtype=torch.float32))
+    ts.append(ScalePercentilesd("image", *pre.percentiles, clip=pre.clip))
+    volumetric_2d = volumetric and pre.dims == 2
+    how, arg = _pad_crop(pre, 3 if volumetric else 2, volumetric_2d)
+    if how == "shape":
+        ts.append(ResizeWithPadOrCropd("image", spatial_size=arg))
+    else:
+        ts.append(DivisiblePadd("image", k=arg))
+    if for_dataset:
+        ts.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
+        if volumetric_2d:
+            ts.append(CentralSlicesd("image", axis=pre.slice_axis, n=pre.slices_per_volume))
+        ts.append(SelectItemsd(["image", "lo", "hi", "subject", "label"], allow_missing_keys=True))
+    return Compose(ts)
+
+
+def _pad_crop_map(in_shape: tuple[int, ...], pre: Preprocess) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Flat source index per output pixel (-1 = padding), from MONAI's own pad/crop on an index grid."""
+    grid = torch.arange(1, int(np.prod(in_shape)) + 1, dtype=torch.float64).reshape(1, *in_shape)
+    how, arg = _pad_crop(pre, len(in_shape), False)
+    d = {"image": grid}
+    t = ResizeWithPadOrCropd("image", spatial_size=arg) if how == "shape" else DivisiblePadd("image", k=arg)
+    out = torch.as_tensor(t(d)["image"])[0]
+    return (out.round().long() - 1).reshape(-1), tuple(out.shape)
+
+
+def _unwrap_error(e: BaseException) -> MrivqError | None:
+    """MONAI wraps transform errors in RuntimeError('applying transform ...'); find ours inside."""
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MrivqError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _run(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        ours = _unwrap_error(e)
+        if ours is not None:
+            raise ours from None
+        raise
