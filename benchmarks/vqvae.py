@@ -106,11 +106,15 @@ def worker(args: argparse.Namespace) -> dict:
         loss = rec + vq_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for group in opt.param_groups:  # linear warm-up, as mrivq train does
+            group["lr"] = args.lr * min(1.0, (len(times) + 1) / max(args.warmup, 1))
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t)
-        losses.append(float(rec))
+        losses.append(float(rec.detach()))
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else max_rss_mb() - rss0)
 
     from monai.metrics import PSNRMetric
@@ -150,6 +154,8 @@ def main() -> None:
     ap.add_argument("--crop", type=int, nargs=3, default=None, help="training crop (default: whole volume)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=0, help="linear learning-rate warm-up steps (all models)")
+    ap.add_argument("--grad-clip", type=float, default=0.0, help="gradient-norm clip, 0: none (all models)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per model run")
     ap.add_argument("--n-train", type=int, default=8)
     ap.add_argument("--n-val", type=int, default=4, help="held-out volumes (4 x 16^3 codes at 64^3)")
@@ -171,7 +177,8 @@ def main() -> None:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     out = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
            "budget_s": args.budget, "shape": list(args.shape), "crop": args.crop, "batch_size": args.batch_size,
-           "steps": args.steps or None, "lr": args.lr, "n_train": args.n_train, "n_val": args.n_val,
+           "steps": args.steps or None, "lr": args.lr,
+           "warmup": args.warmup, "grad_clip": args.grad_clip, "n_train": args.n_train, "n_val": args.n_val,
            "codes": N_CODES, "models": results}
     m = results.get("mrivq", {})
     monai_psnr = [r["val_psnr"] for k, r in results.items() if k.startswith("monai") and "val_psnr" in r]

@@ -284,6 +284,24 @@ def reconstruct(
     out.print(f"wrote {output} (PSNR vs input {res['psnr']:.2f} dB in the model's space)")
 
 
+CovariateOpt = typer.Option([], "--covariate", help="NAME=VALUE of a covariate the prior is conditioned on "
+                            "(data.covariates), e.g. age=40; repeatable; default: the training mean.")
+
+
+def _covariates(items: list[str]) -> dict[str, float]:
+    """``["age=40", ...]`` -> ``{"age": 40.0}``; a malformed item is a one-line error."""
+    out: dict[str, float] = {}
+    for it in items:
+        name, sep, value = it.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise MrivqError(f"--covariate {it!r} is not NAME=NUMBER (e.g. --covariate age=40)") from None
+    return out
+
+
 @app.command()
 def synth(
     count: int = typer.Option(10, "--count", "-n", help="Number of samples."),
@@ -295,6 +313,7 @@ def synth(
     batch_size: int = typer.Option(4, "--batch-size"),
     class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
                                       "class-conditional prior."),
+    covariate: list[str] = CovariateOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
     device: str = typer.Option("auto", "--device"),
@@ -304,7 +323,8 @@ def synth(
 
     with Progress() as prog:
         res = synthesize(run, count, out_dir, seed=seed, temperature=temperature, top_k=top_k,
-                         batch_size=batch_size, cls=class_, overwrite=overwrite, cached=not reference,
+                         batch_size=batch_size, cls=class_, covariates=_covariates(covariate),
+                         overwrite=overwrite, cached=not reference,
                          device=device, progress=prog)
     out.print(f"wrote {len(res['images'])} samples to {out_dir}/")
     for p in res["images"][:3]:
@@ -320,12 +340,13 @@ def score(
     run: Path | None = RunOpt,
     class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
                                       "class-conditional prior."),
+    covariate: list[str] = CovariateOpt,
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Negative log-likelihood of each code under the prior, in the input's geometry."""
     from mrivq.infer import score_file
 
-    res = score_file(run, image, output, device=device, cls=class_)
+    res = score_file(run, image, output, device=device, cls=class_, covariates=_covariates(covariate))
     out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
 
 

@@ -153,7 +153,7 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
 
 
 def score_file(run: Path | None, image: Path, output: Path, device: str = "auto",
-               cls: str | int | None = None) -> dict:
+               cls: str | int | None = None, covariates: dict[str, float] | None = None) -> dict:
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
@@ -169,9 +169,10 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
                 known = ", ".join(r.class_names or []) or f"0..{n_classes - 1}"
                 raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class ({known})")
             cond = torch.full((idx.shape[0],), cls_id, dtype=torch.long, device=dev)
+        cond, cov_values = r.condition(cond, covariates, idx.shape[0], dev)
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)
     arr, affine = D.restore(_unbatch(up, ctx, r), ctx, intensity=False)
     _save_nifti(arr, affine, output)
-    return {"path": str(output), "mean_nll": float(nll.mean())}
+    return {"path": str(output), "mean_nll": float(nll.mean()), "covariates": cov_values or None}

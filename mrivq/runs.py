@@ -175,6 +175,21 @@ class Run:
         return i
 
 
+    def condition(self, cls_ids: torch.Tensor | None, covariates: dict[str, float] | None, n: int,
+                  device: torch.device | str = "cpu") -> tuple[Any, dict[str, float]]:
+        """The prior's ``cond`` for ``n`` samples: ``cls_ids`` plus, when the run has ``data.covariates``,
+        their z-scores. Returns it with the raw covariate values used (``covariates`` completed with the
+        training means). Raises :class:`MrivqError` for covariates the run does not have."""
+        from mrivq.data.covariates import parse_covariates, standardise
+
+        spec = self.info.get("covariates")
+        values = parse_covariates(spec, covariates, self.path.name)
+        if not values:
+            return cls_ids, {}
+        z = torch.tensor(standardise(spec, [values[c] for c in spec["columns"]]), dtype=torch.float32)
+        return {"class": cls_ids, "covariates": z.to(device).expand(n, -1)}, values
+
+
 def checkpoint_path(run: Path, stage: str, which: str = "best") -> Path:
     """``checkpoints/<stage>_<which>.pt``, falling back to ``last`` when there is no ``best``."""
     p = Path(run) / "checkpoints" / f"{stage}_{which}.pt"

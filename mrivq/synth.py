@@ -53,9 +53,12 @@ def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
 
 def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, temperature: float = 1.0,
                top_k: int | None = None, batch_size: int = 4, cls: str | int | None = None,
-               overwrite: bool = False, cached: bool = True, device: str = "auto",
-               progress: Progress | None = None) -> dict:
-    """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths."""
+               covariates: dict[str, float] | None = None, overwrite: bool = False, cached: bool = True,
+               device: str = "auto", progress: Progress | None = None) -> dict:
+    """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths.
+
+    ``cls`` picks the class of a class-conditional prior (default: cycle through the classes);
+    ``covariates`` (``{"age": 40}``) sets continuous covariates (default: the training means)."""
     from mrivq.io import save_nifti, save_png
     from mrivq.preview import grid, montage
     from mrivq.sampling import sample_tokens
@@ -70,18 +73,19 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     dev = resolve_device(device)
     r = load_run(run, device=dev, need_prior=True)
     dims = r.preprocess.dims
+    class_ids = None
+    n_classes = getattr(r.prior, "num_classes", None)
+    cls_id = r.class_id(cls)
+    if cls_id is not None:
+        class_ids = torch.full((count,), cls_id, dtype=torch.long, device=dev)
+    elif n_classes is not None:  # conditional prior and no class asked for: cycle through classes
+        class_ids = torch.arange(count, device=dev) % n_classes
+    cond, cov_values = r.condition(class_ids, covariates, count, dev)
     out_dir = Path(out_dir)
     planned = _outputs(out_dir, count, dims)
     extra = [out_dir / f"synth_{i:04d}{e}" for i in range(count) for e in ((".png", ".json") if dims == 3
                                                                            else (".json",))]
     _check_out_dir(out_dir, planned + extra + ([out_dir / "grid.png"] if dims == 2 else []), overwrite)
-    cond = None
-    n_classes = getattr(r.prior, "num_classes", None)
-    cls_id = r.class_id(cls)
-    if cls_id is not None:
-        cond = torch.full((count,), cls_id, dtype=torch.long, device=dev)
-    elif n_classes is not None:  # conditional prior and no class asked for: cycle through classes
-        cond = torch.arange(count, device=dev) % n_classes
     tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
                            cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
     images, previews, sidecars = [], [], []
@@ -95,7 +99,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             "temperature": temperature, "top_k": top_k, "sampler": "cached" if cached else "reference"}
     for i, x in enumerate(decoded):
         path = planned[i]
-        c = None if cond is None else int(cond[i])
+        c = None if class_ids is None else int(class_ids[i])
         if dims == 3:
             affine = D.synth_geometry(r.preprocess, x.shape[1:])
             vol = D.to_intensity(x, _intensity(r, c))
@@ -107,7 +111,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             img = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
             save_png(img, path)
         side = out_dir / f"synth_{i:04d}.json"
-        write_json(side, {**prov, "index": i, "class": c,
+        write_json(side, {**prov, "index": i, "class": c, "covariates": cov_values or None,
                           "class_name": r.class_names[c] if c is not None and r.class_names else None})
         images.append(str(path))
         sidecars.append(str(side))

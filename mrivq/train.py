@@ -43,6 +43,8 @@ class Split:
     pre: D.Preprocess
     stats: dict
     classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
+    covariates: dict | None = None  # {"columns", "mean", "std", "missing"} (data.covariates)
+    covariate_values: dict | None = None  # subject -> z-scores, one per column
 
 
 def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> Split:
@@ -73,6 +75,7 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> S
     if not tr_rows or not va_rows:
         raise MrivqError(f"{data_dir} has too few subjects to split into train and validation "
                          f"({len({r['subject'] for r in rows})}); fetch more (e.g. --count 8 for the phantom)")
+    covariates, cov_values = _covariates(cfg["data"].get("covariates"), rows, tr_rows)
     cache = tcfg["cache"]
     cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
     train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
@@ -83,7 +86,18 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> S
         for r in tr_rows:
             by_mod.setdefault(r["modality"], []).append(r)
         stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
-    return Split(train, val, pre, stats, classes)
+    return Split(train, val, pre, stats, classes, covariates, cov_values)
+
+
+def _covariates(columns: Any, rows: list[dict], tr_rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """``data.covariates`` -> (standardisation fitted on the training subjects, subject -> z-scores)."""
+    if not columns:
+        return None, None
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    raw = D.subject_covariates(rows, columns)
+    train_subjects = {r["subject"] for r in tr_rows}
+    spec = D.fit_covariates({s: v for s, v in raw.items() if s in train_subjects}, columns)
+    return spec, {s: D.standardise(spec, v) for s, v in raw.items()}
 
 
 def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
@@ -91,6 +105,7 @@ def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
     out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items]).to(device)}
     if "label" in items[0]:
         out["label"] = torch.tensor([int(it["label"]) for it in items], device=device)
+    out["subject"] = [str(it.get("subject", "")) for it in items]
     return out
 
 

@@ -44,7 +44,7 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
     cache = Path(run_dir) / "codes" / "codes.pt"
     if cache.is_file():
         codes = torch.load(cache, map_location="cpu", weights_only=True)
-        if codes.get("vqvae_sha256") == sha:
+        if codes.get("vqvae_sha256") == sha and "train_subjects" in codes:
             return codes
     info = read_run_info(run_dir)
     model = build_vqvae({"data": {"dims": split.pre.dims}, "model": info["model_config"]["vqvae"]},
@@ -53,14 +53,16 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
     model.eval()
     out: dict = {"vqvae_sha256": sha}
     for name, ds in (("train", split.train), ("val", split.val)):
-        grids, labels = [], []
+        grids, labels, subjects = [], [], []
         with torch.no_grad(), progress.task(f"encode {name}", total=len(ds), unit="item") as bar:
             for b in iterate(ds, 8, device):
                 grids.append(model.encode_indices(b["image"]).cpu())
                 if "label" in b:
                     labels.append(b["label"].cpu())
+                subjects.extend(b["subject"])
                 bar.advance(len(b["image"]))
         out[name] = torch.cat(grids)
+        out[f"{name}_subjects"] = subjects
         if labels:
             out[f"{name}_labels"] = torch.cat(labels)
     save_checkpoint(cache, out)
@@ -79,17 +81,37 @@ def build_prior(cfg: dict, dims: int, num_embeddings: int) -> torch.nn.Module:
         raise MrivqError(f"prior model config has a bad key ({e}); check the preset's prior.model section") from None
 
 
+def _cond_rows(labels: torch.Tensor | None, covariates: torch.Tensor | None, rows: Any,
+               device: torch.device) -> Any:
+    """The prior's ``cond`` for the items ``rows``: class ids, covariates, both (a dict) or None."""
+    cls = labels[rows].to(device) if labels is not None else None
+    if covariates is None:
+        return cls
+    return {"class": cls, "covariates": covariates[rows].to(device)}
+
+
 def nats_per_token(prior: Any, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
-                   device: torch.device) -> float:
+                   device: torch.device, covariates: torch.Tensor | None = None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(codes), batch_size):
             idx = codes[s:s + batch_size].to(device)
-            cond = labels[s:s + batch_size].to(device) if labels is not None else None
+            cond = _cond_rows(labels, covariates, slice(s, s + batch_size), device)
             logits = prior(idx, cond)
             total += float(F.cross_entropy(logits.float(), idx, reduction="sum"))
             count += idx.numel()
     return total / max(count, 1)
+
+
+def _with_prior_model(cfg: dict, **model: Any) -> dict:
+    """``cfg`` with ``model`` merged into ``prior.model`` (a copy)."""
+    prior = cfg.get("prior", {})
+    return {**cfg, "prior": {**prior, "model": {**prior.get("model", {}), **model}}}
+
+
+def _covariate_rows(split: Any, subjects: list[str]) -> torch.Tensor:
+    """``FloatTensor[N, m]`` of the items' standardised covariates (subject order of the code cache)."""
+    return torch.tensor([split.covariate_values[s] for s in subjects], dtype=torch.float32)
 
 
 def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, resume: bool,
@@ -108,8 +130,15 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
         if set_n is not None and int(set_n) != want:
             raise MrivqError(f"prior.model.num_classes is {set_n} but data.condition_on={classes['column']} has "
                              f"{want} values ({', '.join(classes['names'])}); drop num_classes or set it to {want}")
-        cfg = {**cfg, "prior": {**cfg.get("prior", {}),
-                                "model": {**cfg.get("prior", {}).get("model", {}), "num_classes": want}}}
+        cfg = _with_prior_model(cfg, num_classes=want)
+    cov = split.covariates
+    if cov:  # data.covariates: one standardised input per column
+        want = len(cov["columns"])
+        set_n = cfg.get("prior", {}).get("model", {}).get("num_covariates")
+        if set_n is not None and int(set_n) not in (0, want):
+            raise MrivqError(f"prior.model.num_covariates is {set_n} but data.covariates has {want} column(s) "
+                             f"({', '.join(cov['columns'])}); drop num_covariates or set it to {want}")
+        cfg = _with_prior_model(cfg, num_covariates=want)
     prior = build_prior(cfg, split.pre.dims, num_embeddings).to(device)
     conditional = getattr(prior, "num_classes", None) is not None
     tr, va = codes["train"], codes["val"]
@@ -117,7 +146,13 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     va_lab = codes.get("val_labels") if conditional else None
     if conditional and tr_lab is None:
         raise MrivqError("prior.model.num_classes is set but the dataset has no labels; remove num_classes")
-    update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes)
+    if getattr(prior, "num_covariates", 0) and not cov:
+        raise MrivqError("prior.model.num_covariates is set but data.covariates is not; name the columns with "
+                         "--set data.covariates=[age] or remove num_covariates")
+    tr_cov = _covariate_rows(split, codes["train_subjects"]) if cov else None
+    va_cov = _covariate_rows(split, codes["val_subjects"]) if cov else None
+    update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes,
+                    covariates=cov)
     n, bs = len(tr), int(tcfg["batch_size"])
     from mrivq.train import _total_steps
 
@@ -126,13 +161,12 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         ids = batch_indices(step, n, bs, tcfg["seed"])
         idx = tr[ids].to(device)
-        cond = tr_lab[ids].to(device) if tr_lab is not None else None
-        logits = prior(idx, cond)
+        logits = prior(idx, _cond_rows(tr_lab, tr_cov, ids, device))
         loss = F.cross_entropy(logits.float(), idx)
         return loss, {"nats": float(loss.detach()), "items": float(len(ids))}
 
     def val_fn() -> dict:
-        return {"val_nats_per_token": nats_per_token(prior, va, va_lab, bs, device)}
+        return {"val_nats_per_token": nats_per_token(prior, va, va_lab, bs, device, va_cov)}
 
     lc = LoopConfig(stage="prior", run_dir=run_dir, total_steps=total, lr=float(tcfg["lr"]),
                     warmup_steps=int(tcfg["warmup_steps"]), min_lr_ratio=float(tcfg["min_lr_ratio"]),

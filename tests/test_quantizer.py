@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mrivq.models.quantizer import VectorQuantizerEMA
@@ -79,6 +80,50 @@ def test_dead_codes_restart_near_data_and_usage_rises():
     assert torch.allclose(stuck.codebook[1:], torch.tensor(100.0), atol=0.01)
     assert revived.stats()["usage"] > 0.5
     assert revived.codebook.min() > -0.5 and revived.codebook.max() < 1.5  # all re-seeded near data
+
+
+def test_decay_warmup_follows_tensorflow_schedule_then_holds():
+    q = VectorQuantizerEMA(num_embeddings=2, embedding_dim=2, decay=0.9, epsilon=0.0, init="random",
+                           dead_code_threshold=0.0, restart_every=0, restart_window=0, decay_warmup=True)
+    assert q.current_decay() == 0.1  # (1 + 0) / (10 + 0)
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
+    q.embed_sum.copy_(q.codebook)
+    q.cluster_size.fill_(1.0)
+    q.train()
+    q(torch.tensor([[2.0, 2.0], [9.0, 9.0]]).t()[None])
+    # step 0 used decay 0.1: the codes move 90% of the way to this batch's means
+    assert torch.allclose(q.cluster_size, torch.tensor([1.0, 1.0]))
+    assert torch.allclose(q.codebook, torch.tensor([[1.8, 1.8], [9.1, 9.1]]))
+    assert q.current_decay() == 2 / 11
+    q.step.fill_(80)  # (1 + 80) / 90 = 0.9: the nominal decay from here on
+    assert q.current_decay() == 0.9
+    q.step.fill_(10_000)
+    assert q.current_decay() == 0.9
+    assert VectorQuantizerEMA(decay=0.9).current_decay() == 0.9  # off: always the nominal decay
+
+
+def test_restart_from_error_or_data_picks_different_seeds():
+    """``error`` re-seeds at the worst-quantized vector (an outlier here); ``data`` at a typical one."""
+    def seeds(restart_from: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        q = VectorQuantizerEMA(num_embeddings=2, embedding_dim=2, init="random", restart_every=0,
+                               restart_window=1, buffer_size=64, restart_from=restart_from)
+        q.codebook.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0]]))
+        q.embed_sum.copy_(q.codebook)
+        pool = torch.zeros(64, 2)
+        pool[:63] = torch.tensor([1.0, 0.0])  # the bulk, 1 away from live code 0
+        pool[63] = torch.tensor([0.0, 30.0])  # one outlier, 30 away
+        q.recent.copy_(pool)
+        q.recent_filled.fill_(64)
+        q.step.fill_(5)
+        q.last_used.copy_(torch.tensor([5, 0]))  # code 1 unused for 5 steps: dead
+        q._restart()
+        return q.codebook[1]
+
+    assert torch.equal(seeds("error"), torch.tensor([0.0, 30.0]))  # weight 900 vs 63 x 1
+    assert torch.equal(seeds("data"), torch.tensor([1.0, 0.0]))  # 63 of 64 rows are the bulk
+    with pytest.raises(ValueError, match="restart_from"):
+        VectorQuantizerEMA(restart_from="far")
 
 
 def test_eval_mode_and_pure_calls_never_change_state():

@@ -27,13 +27,15 @@ The code is split by responsibility: :mod:`~mrivq.data.preprocess` (the :class:`
 config), :mod:`~mrivq.data.manifest` (reading, selecting and splitting manifest rows),
 :mod:`~mrivq.data.readers` (reading one source), :mod:`~mrivq.data.transforms` (the MONAI
 transforms), :mod:`~mrivq.data.items` (items -> MONAI data dicts), :mod:`~mrivq.data.datasets`
-(:func:`make_dataset`), :mod:`~mrivq.data.intensity` (intensity statistics, generated outputs) and
+(:func:`make_dataset`), :mod:`~mrivq.data.intensity` (intensity statistics, generated outputs),
+:mod:`~mrivq.data.covariates` (continuous covariates of a conditional prior) and
 :mod:`~mrivq.data.restore` (single files and the way back). Every name is re-exported here, so
 ``from mrivq.data import X`` and ``mrivq.data.X`` work as before the split.
 """
 
 from __future__ import annotations
 
+from mrivq.data.covariates import fit_covariates, parse_covariates, standardise, subject_covariates
 from mrivq.data.datasets import (
     _ADV_LOCK,
     ArrayDataset,
@@ -100,6 +102,10 @@ from mrivq.data.transforms import (
 
 # Private names too: modules and tests reach some as ``data._X`` (e.g. ``_ARRAYS``, ``_label``).
 __all__ = [
+    "fit_covariates",
+    "parse_covariates",
+    "standardise",
+    "subject_covariates",
     "VolumeDataset",
     "ArrayDataset",
     "make_dataset",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _INITS = ("kmeans", "sample", "random")
+_RESTARTS = ("error", "data")
 _CHUNK = 1 << 15  # rows per distance block: bounds the [N, K] distance matrix
 
 
@@ -120,6 +121,8 @@ class VectorQuantizerEMA(nn.Module):
         restart_every: int = 5,
         restart_window: int = 50,
         buffer_size: int = 4096,
+        restart_from: str = "error",
+        decay_warmup: bool = False,
         usage_window: int = 100,
         use_cosine: bool = False,
         ddp_sync: bool = True,
@@ -129,6 +132,8 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError(f"init must be one of {_INITS}, got {init!r}")
         if num_embeddings < 1 or embedding_dim < 1 or usage_window < 1 or buffer_size < 1:
             raise ValueError("num_embeddings, embedding_dim, usage_window and buffer_size must be >= 1")
+        if restart_from not in _RESTARTS:
+            raise ValueError(f"restart_from must be one of {_RESTARTS}, got {restart_from!r}")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
@@ -137,6 +142,7 @@ class VectorQuantizerEMA(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.restart_every, self.restart_window = int(restart_every), int(restart_window)
         self.use_cosine, self.ddp_sync = bool(use_cosine), bool(ddp_sync)
+        self.restart_from, self.decay_warmup = restart_from, bool(decay_warmup)
 
         k, d = self.num_embeddings, self.embedding_dim
         codebook = torch.randn(k, d)
@@ -225,8 +231,9 @@ class VectorQuantizerEMA(nn.Module):
         if _dist_ready(self.ddp_sync):
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        decay = self.current_decay()
+        self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
+        self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (n + k * self.epsilon) * n
         codes = self.embed_sum / smoothed[:, None]
@@ -239,6 +246,15 @@ class VectorQuantizerEMA(nn.Module):
         self.step.add_(1)
         if self.restart_every > 0 and (step + 1) % self.restart_every == 0:
             self._restart()
+
+    def current_decay(self) -> float:
+        """EMA decay of this step: ``decay``, or with ``decay_warmup`` ``min(decay, (1 + t) / (10 + t))``
+        (TensorFlow's ``ExponentialMovingAverage(num_updates=t)``), so codes track a fast-changing
+        encoder early in training and the nominal decay holds from step ``~(10 decay - 1) / (1 - decay)``."""
+        if not self.decay_warmup:
+            return self.decay
+        t = float(self.step)
+        return min(self.decay, (1.0 + t) / (10.0 + t))
 
     def _remember(self, flat: torch.Tensor) -> None:
         """Write a random subset of this batch into the ring of recent encoder outputs."""
@@ -260,7 +276,7 @@ class VectorQuantizerEMA(nn.Module):
             return
         pool = self.recent[:filled]
         live = self.codebook[~dead]
-        if live.shape[0] > 0:
+        if self.restart_from == "error" and live.shape[0] > 0:
             _, w = _nearest(pool, live, self.use_cosine)
         else:
             w = torch.ones(filled, device=pool.device)

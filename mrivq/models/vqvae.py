@@ -44,7 +44,7 @@ class VQVAE(nn.Module):
         embedding_dim: code length; the encoder's last convolution projects to it, the decoder's first
             projects back, so a small value (8-64) needs no extra 1x1 projection.
         commitment_cost, decay, epsilon, init, dead_code_threshold, restart_every, restart_window,
-            usage_window, use_cosine, ddp_sync: see :class:`VectorQuantizerEMA`.
+            restart_from, decay_warmup, usage_window, use_cosine, ddp_sync: see :class:`VectorQuantizerEMA`.
         act: activation (MONAI name or ``(name, kwargs)``).
         dropout: dropout ratio inside the encoder/decoder.
         output_act: activation on the output (``None``: linear, the trainer clamps for metrics).
@@ -67,6 +67,8 @@ class VQVAE(nn.Module):
         dead_code_threshold: float = 3.0,
         restart_every: int = 5,
         restart_window: int = 50,
+        restart_from: str = "error",
+        decay_warmup: bool = False,
         usage_window: int = 100,
         use_cosine: bool = False,
         act: str | Sequence = "relu",
@@ -94,7 +96,9 @@ class VQVAE(nn.Module):
             num_res_layers=num_res_layers, num_res_channels=num_res_channels, num_embeddings=num_embeddings,
             embedding_dim=embedding_dim, commitment_cost=commitment_cost, decay=decay, epsilon=epsilon,
             init=init, dead_code_threshold=dead_code_threshold, restart_every=restart_every,
-            restart_window=restart_window, usage_window=usage_window, use_cosine=use_cosine, act=act,
+            restart_window=restart_window, restart_from=restart_from, decay_warmup=decay_warmup,
+            usage_window=usage_window,
+            use_cosine=use_cosine, act=act,
             dropout=dropout, output_act=output_act, ddp_sync=ddp_sync).items()}
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -113,7 +117,8 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizerEMA(
             num_embeddings=num_embeddings, embedding_dim=embedding_dim, commitment_cost=commitment_cost,
             decay=decay, epsilon=epsilon, init=init, dead_code_threshold=dead_code_threshold,
-            restart_every=restart_every, restart_window=restart_window, usage_window=usage_window,
+            restart_every=restart_every, restart_window=restart_window, restart_from=restart_from,
+            decay_warmup=decay_warmup, usage_window=usage_window,
             use_cosine=use_cosine, ddp_sync=ddp_sync)
 
     # ----------------------------------------------------------------- shapes
