@@ -237,8 +237,18 @@ def eval_(
     t.add_column("metric")
     t.add_column("value")
     for k, v in res["metrics"].items():
-        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        if k != "by_class":
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     out.print(t)
+    by_class = res["metrics"].get("by_class")
+    if by_class:
+        cols = [k for k in next(iter(by_class.values())) if k != "n_images"]
+        t = Table(title="per class")
+        for c in ("class", "n_images", *cols):
+            t.add_column(c)
+        for name, m in by_class.items():
+            t.add_row(name, str(m["n_images"]), *(f"{m[c]:.4f}" for c in cols))
+        out.print(t)
     out.print(f"wrote {res['path']}")
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from mrivq import data as D
 from mrivq.errors import MrivqError
@@ -29,7 +30,10 @@ def _load(run: Path | None, device: str, need_prior: bool = False) -> tuple[Run,
 
 
 def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict:
-    """Reconstruction metrics of the run's VQ-VAE on its train or validation split -> eval.json."""
+    """Reconstruction metrics of the run's VQ-VAE on its train or validation split -> eval.json.
+
+    A run conditioned on a manifest column (``data.condition_on``) is also measured per class under
+    ``by_class``: a pooled T1/T2/PD run gets one PSNR per modality instead of only their mix."""
     from mrivq.train import load_split, reconstruction_metrics
 
     if split not in ("val", "train"):
@@ -38,9 +42,19 @@ def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict
     sp = load_split(r.config, Path(r.info["data_dir"]))
     ds = sp.val if split == "val" else sp.train
     bs = int(r.config.get("train", {}).get("batch_size", 2))
-    metrics = reconstruction_metrics(r.vqvae, ds, r.preprocess.dims, bs, dev)
-    metrics = {k.removeprefix("val_"): v for k, v in metrics.items()}
-    metrics["n_images"] = len(ds)
+    dims = r.preprocess.dims
+
+    def measure(d: Any) -> dict:
+        m = reconstruction_metrics(r.vqvae, d, dims, bs, dev)
+        return {**{k.removeprefix("val_"): v for k, v in m.items()}, "n_images": len(d)}
+
+    metrics = measure(ds)
+    names = r.class_names
+    if names and len(ds) and "label" in ds[0]:  # data.condition_on (e.g. pooled modalities): per class too
+        groups: dict[int, list[int]] = {}
+        for i in range(len(ds)):
+            groups.setdefault(int(ds[i]["label"]), []).append(i)
+        metrics["by_class"] = {names[c]: measure(Subset(ds, idx)) for c, idx in sorted(groups.items())}
     path = r.path / f"eval_{split}.json"
     write_json(path, {"split": split, "checkpoint_sha256": r.checkpoints["vqvae"], **metrics})
     return {"run": str(r.path), "metrics": metrics, "path": str(path)}

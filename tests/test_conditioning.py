@@ -73,6 +73,14 @@ def test_prior_conditioned_on_modality(phantom_root: Path, tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     names = [json.loads((tmp_path / "cyc" / f"synth_000{i}.json").read_text())["class_name"] for i in (0, 1)]
     assert names == ["t1", "t2"]
+    # eval reports each modality on its own as well as the mix
+    res = invoke("eval", "--run", str(run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "per class" in res.output and "t2" in res.output
+    ev = json.loads((run / "eval_val.json").read_text())
+    assert sorted(ev["by_class"]) == ["t1", "t2"]
+    assert sum(m["n_images"] for m in ev["by_class"].values()) == ev["n_images"] == info["n_val"]
+    assert ev["by_class"]["t1"]["psnr"] != ev["by_class"]["t2"]["psnr"]
 
 
 def test_prior_conditioned_on_a_manifest_column(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
