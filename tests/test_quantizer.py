@@ -18,7 +18,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_one_ema_step_matches_hand_computation():
     q = VectorQuantizerEMA(num_embeddings=2, embedding_dim=2, decay=0.9, epsilon=0.0, init="random",
-                           dead_code_threshold=0.0, restart_every=0, restart_window=0)
+                           dead_code_threshold=0.0, restart_every=0, restart_window=0, decay_warmup=False)
     q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0]]))
     q.embed_sum.copy_(q.codebook)
     q.cluster_size.fill_(1.0)
@@ -65,8 +65,9 @@ def test_sample_init_takes_batch_vectors():
 def test_dead_codes_restart_near_data_and_usage_rises():
     def run(restart_every: int) -> VectorQuantizerEMA:
         torch.manual_seed(0)
+        # nominal decay throughout: a warmed-up decay shrinks unused codes' sums towards the origin
         q = VectorQuantizerEMA(num_embeddings=8, embedding_dim=2, init="random", restart_every=restart_every,
-                               restart_window=3, usage_window=5, buffer_size=256)
+                               restart_window=3, usage_window=5, buffer_size=256, decay_warmup=False)
         q.codebook.copy_(torch.full((8, 2), 100.0))
         q.codebook[0] = torch.tensor([0.5, 0.5])
         q.embed_sum.copy_(q.codebook)
@@ -99,7 +100,7 @@ def test_decay_warmup_follows_tensorflow_schedule_then_holds():
     assert q.current_decay() == 0.9
     q.step.fill_(10_000)
     assert q.current_decay() == 0.9
-    assert VectorQuantizerEMA(decay=0.9).current_decay() == 0.9  # off: always the nominal decay
+    assert VectorQuantizerEMA(decay=0.9, decay_warmup=False).current_decay() == 0.9  # off: nominal throughout
 
 
 def test_restart_from_error_or_data_picks_different_seeds():
