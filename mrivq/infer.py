@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from mrivq import data as D
 from mrivq.errors import MrivqError
@@ -42,19 +41,16 @@ def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict
     sp = load_split(r.config, Path(r.info["data_dir"]))
     ds = sp.val if split == "val" else sp.train
     bs = int(r.config.get("train", {}).get("batch_size", 2))
-    dims = r.preprocess.dims
+    names = r.class_names  # data.condition_on (e.g. pooled modalities): per class too, in the same pass
+    m = reconstruction_metrics(r.vqvae, ds, r.preprocess.dims, bs, dev, by_label=bool(names))
+    by_label = m.pop("by_label", None)
 
-    def measure(d: Any) -> dict:
-        m = reconstruction_metrics(r.vqvae, d, dims, bs, dev)
-        return {**{k.removeprefix("val_"): v for k, v in m.items()}, "n_images": len(d)}
+    def strip(d: dict) -> dict:
+        return {k.removeprefix("val_"): v for k, v in d.items()}
 
-    metrics = measure(ds)
-    names = r.class_names
-    if names and len(ds) and "label" in ds[0]:  # data.condition_on (e.g. pooled modalities): per class too
-        groups: dict[int, list[int]] = {}
-        for i in range(len(ds)):
-            groups.setdefault(int(ds[i]["label"]), []).append(i)
-        metrics["by_class"] = {names[c]: measure(Subset(ds, idx)) for c, idx in sorted(groups.items())}
+    metrics = {**strip(m), "n_images": len(ds)}
+    if by_label:
+        metrics["by_class"] = {names[c]: strip(g) for c, g in by_label.items()}
     path = r.path / f"eval_{split}.json"
     write_json(path, {"split": split, "checkpoint_sha256": r.checkpoints["vqvae"], **metrics})
     return {"run": str(r.path), "metrics": metrics, "path": str(path)}

@@ -174,7 +174,6 @@ class Run:
             raise MrivqError(f"--class {value} is not a class of run {self.path.name}; choose one of: {known}")
         return i
 
-
     def condition(self, cls_ids: torch.Tensor | None, covariates: dict[str, float] | None, n: int,
                   device: torch.device | str = "cpu") -> tuple[Any, dict[str, float]]:
         """The prior's ``cond`` for ``n`` samples: ``cls_ids`` plus, when the run has ``data.covariates``,

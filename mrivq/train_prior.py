@@ -103,10 +103,15 @@ def nats_per_token(prior: Any, codes: torch.Tensor, labels: torch.Tensor | None,
     return total / max(count, 1)
 
 
-def _with_prior_model(cfg: dict, **model: Any) -> dict:
-    """``cfg`` with ``model`` merged into ``prior.model`` (a copy)."""
+def _pin_prior_size(cfg: dict, key: str, names: list[str], what: str, unset: tuple = ()) -> dict:
+    """``cfg`` (a copy) with ``prior.model[key] = len(names)``, the size the data gives; a preset
+    value other than that (or one of ``unset``) is a one-line error."""
     prior = cfg.get("prior", {})
-    return {**cfg, "prior": {**prior, "model": {**prior.get("model", {}), **model}}}
+    want, set_n = len(names), prior.get("model", {}).get(key)
+    if set_n is not None and int(set_n) != want and int(set_n) not in unset:
+        raise MrivqError(f"prior.model.{key} is {set_n} but {what} ({', '.join(names)}); "
+                         f"drop {key} or set it to {want}")
+    return {**cfg, "prior": {**prior, "model": {**prior.get("model", {}), key: want}}}
 
 
 def _covariate_rows(split: Any, subjects: list[str]) -> torch.Tensor:
@@ -123,22 +128,13 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     info = read_run_info(run_dir)
     num_embeddings = int(info["model_config"]["vqvae"].get("num_embeddings", 512))
     torch.manual_seed(tcfg["seed"])
-    classes = split.classes
+    classes, cov = split.classes, split.covariates
     if classes:  # data.condition_on: one class per value of the column
-        want = len(classes["names"])
-        set_n = cfg.get("prior", {}).get("model", {}).get("num_classes")
-        if set_n is not None and int(set_n) != want:
-            raise MrivqError(f"prior.model.num_classes is {set_n} but data.condition_on={classes['column']} has "
-                             f"{want} values ({', '.join(classes['names'])}); drop num_classes or set it to {want}")
-        cfg = _with_prior_model(cfg, num_classes=want)
-    cov = split.covariates
+        cfg = _pin_prior_size(cfg, "num_classes", classes["names"],
+                              f"data.condition_on={classes['column']} has {len(classes['names'])} values")
     if cov:  # data.covariates: one standardised input per column
-        want = len(cov["columns"])
-        set_n = cfg.get("prior", {}).get("model", {}).get("num_covariates")
-        if set_n is not None and int(set_n) not in (0, want):
-            raise MrivqError(f"prior.model.num_covariates is {set_n} but data.covariates has {want} column(s) "
-                             f"({', '.join(cov['columns'])}); drop num_covariates or set it to {want}")
-        cfg = _with_prior_model(cfg, num_covariates=want)
+        cfg = _pin_prior_size(cfg, "num_covariates", cov["columns"],
+                              f"data.covariates has {len(cov['columns'])} column(s)", unset=(0,))
     prior = build_prior(cfg, split.pre.dims, num_embeddings).to(device)
     conditional = getattr(prior, "num_classes", None) is not None
     tr, va = codes["train"], codes["val"]

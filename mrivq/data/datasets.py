@@ -25,7 +25,30 @@ from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
 from mrivq.errors import ImageReadError, MrivqError
 
 
-class VolumeDataset(torch.utils.data.Dataset):
+class _Items(torch.utils.data.Dataset):
+    """What both datasets share: their items' subjects and their median intensity range."""
+
+    items: list[dict]
+    pre: Preprocess
+    dataset_dir: Path
+    _lohi: list | None = None  # per-item (lo, hi) already measured while caching, if any
+    _stats: dict | None = None
+
+    @property
+    def subjects(self) -> list[str]:
+        return [str(it["subject"]) for it in self.items]
+
+    @property
+    def stats(self) -> dict:
+        if self._stats is None:
+            if self._lohi:
+                self._stats = _stats_of(self._lohi, self.pre)
+            else:
+                self._stats = dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
+        return self._stats
+
+
+class VolumeDataset(_Items):
     """Items ``{"image": FloatTensor[C, *spatial], "subject": str, ["label": int]}``.
 
     Wraps a MONAI dataset of per-subject items; with a 2D model on volumes each subject holds
@@ -58,21 +81,7 @@ class VolumeDataset(torch.utils.data.Dataset):
             out["label"] = int(d["label"])
         return out
 
-    @property
-    def subjects(self) -> list[str]:
-        return [str(it["subject"]) for it in self.items]
-
-    @property
-    def stats(self) -> dict:
-        if self._stats is None:
-            if self._lohi:
-                self._stats = _stats_of(self._lohi, self.pre)
-            else:
-                self._stats = dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
-        return self._stats
-
-
-class ArrayDataset(torch.utils.data.Dataset):
+class ArrayDataset(_Items):
     """2D arrays (MNIST, CIFAR): uint8 kept in memory, scaled by 1/255 and padded/cropped per item
     with the index mapping MONAI's pad/crop would produce (so it matches :func:`preprocess_file`)."""
 
@@ -127,14 +136,6 @@ class ArrayDataset(torch.utils.data.Dataset):
         if self.has_label:
             d["label"] = self.labels[j]
         return d
-
-    @property
-    def subjects(self) -> list[str]:
-        return [str(it["subject"]) for it in self.items]
-
-    @property
-    def stats(self) -> dict:
-        return dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
 
 
 def _scale_np(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -97,9 +97,8 @@ class VQVAE(nn.Module):
             embedding_dim=embedding_dim, commitment_cost=commitment_cost, decay=decay, epsilon=epsilon,
             init=init, dead_code_threshold=dead_code_threshold, restart_every=restart_every,
             restart_window=restart_window, restart_from=restart_from, decay_warmup=decay_warmup,
-            usage_window=usage_window,
-            use_cosine=use_cosine, act=act,
-            dropout=dropout, output_act=output_act, ddp_sync=ddp_sync).items()}
+            usage_window=usage_window, use_cosine=use_cosine, act=act, dropout=dropout, output_act=output_act,
+            ddp_sync=ddp_sync).items()}
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         levels = len(channels)
