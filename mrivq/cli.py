@@ -226,10 +226,22 @@ def _default_modality(data_dir: Path) -> str:
 @app.command("eval")
 def eval_(
     run: Path | None = RunOpt,
-    split: str = typer.Option("val", "--split", help="val or train."),
+    split: str = typer.Option("val", "--split", help="Reconstruction: val or train."),
+    samples: Path | None = typer.Option(None, "--samples", help="Realism: a folder of samples from `mrivq synth`."),
+    real: str | None = typer.Option(None, "--real", help="Realism: real scans, NAME[:train|val|all] of a fetched "
+                                    "dataset, a NIfTI folder or a DICOM folder (default: the run's dataset:val)."),
+    train_set: str | None = typer.Option(None, "--train", help="Realism: training scans for the memorization "
+                                         "test (same forms as --real, e.g. phantom:train)."),
+    features: str | None = typer.Option(None, "--features", help="Realism: add an FID on named features, "
+                                        "medicalnet:PATH (MedicalNet ResNet weights you supply)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Realism: where to write the JSON "
+                                         "(default: realism.json in the samples folder)."),
+    root: Path | None = RootOpt,
     device: str = typer.Option("auto", "--device"),
 ) -> None:
-    """PSNR, SSIM, code usage and perplexity on a split; writes eval.json into the run."""
+    """Reconstruction metrics on a split (eval_<split>.json), or with --samples how real the samples are."""
+    if samples is not None:
+        return _eval_realism(run, samples, real, train_set, features, json_out, root)
     from mrivq.infer import evaluate
 
     res = evaluate(run, split=split, device=device)
@@ -250,6 +262,44 @@ def eval_(
             t.add_row(name, str(m["n_images"]), *(f"{m[c]:.4f}" for c in cols))
         out.print(t)
     out.print(f"wrote {res['path']}")
+
+
+# metric key, what it means, the reference value shown beside it
+_REALISM_ROWS = [
+    ("c2st_accuracy", "classifier two-sample accuracy (0.5 = indistinguishable)", None),
+    ("mmd", "MMD^2, Gaussian kernel", "mmd_floor"),
+    ("mmd_linear_monai", "MMD, MONAI MMDMetric (linear kernel)", "mmd_linear_monai_floor"),
+    ("ms_ssim_synth", "diversity: pairwise MS-SSIM (lower = more varied)", "ms_ssim_real"),
+    ("memorization", "nearest-training distance / real's (0 = copies)", None),
+    ("mask_dice_synth", "median head-mask Dice with the real mean mask", "mask_dice_real"),
+    ("head_shaped_fraction", "samples with mask Dice >= 0.85", None),
+    ("tissue_in_range", "samples with tissue fractions in the real range", None),
+    ("fid", "FID", None),
+]
+
+
+def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
+                  features: str | None, json_out: Path | None, root: Path | None) -> None:
+    from mrivq.evaluate import evaluate_realism
+
+    with Progress() as prog:
+        res = evaluate_realism(run, samples, real, train_set, features=features, json_out=json_out, root=root,
+                               progress=prog)
+    m = res["metrics"]
+    t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})")
+    for c in ("metric", "synthetic", "reference", "meaning"):
+        t.add_column(c)
+    ref_names = {"mmd_floor": "real halves", "mmd_linear_monai_floor": "real halves", "ms_ssim_real": "real",
+                 "mask_dice_real": "real (leave-one-out)"}
+    for key, meaning, ref in _REALISM_ROWS:
+        if m.get(key) is None:
+            continue
+        r = f"{m[ref]:.4g} ({ref_names[ref]})" if ref and m.get(ref) is not None else ""
+        t.add_row(key, f"{m[key]:.4g}", r, meaning)
+    out.print(t)
+    if m.get("fid_features"):
+        out.print(f"FID features: {m['fid_features']}")
+    out.print(f"wrote {res['json']}\npicture: {res['picture']}")
 
 
 @app.command()
@@ -326,6 +376,8 @@ def synth(
     covariate: list[str] = CovariateOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
+    prior: str = typer.Option("pixelcnn", "--prior", help="pixelcnn (the trained prior), marginal (each "
+                              "position's training code frequencies) or uniform (random codes)."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Sample new volumes (or 2D images) from a run's prior and decode them."""
@@ -335,7 +387,7 @@ def synth(
         res = synthesize(run, count, out_dir, seed=seed, temperature=temperature, top_k=top_k,
                          batch_size=batch_size, cls=class_, covariates=_covariates(covariate),
                          overwrite=overwrite, cached=not reference,
-                         device=device, progress=prog)
+                         device=device, progress=prog, prior=prior)
     out.print(f"wrote {len(res['images'])} samples to {out_dir}/")
     for p in res["images"][:3]:
         out.print(f"  {p}")

@@ -21,6 +21,27 @@ from mrivq.loop import resolve_device
 from mrivq.progress import Progress, silent
 from mrivq.runs import load_run, write_json
 
+PRIORS = ("pixelcnn", "marginal", "uniform")
+
+
+def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
+    """``[*latent, K]`` logits of a prior-free baseline: per-position training frequencies of the
+    codes (from the run's code cache, which must belong to its VQ-VAE) or uniform."""
+    from mrivq.sampling import marginal_logits
+
+    k = int(r.vqvae.num_embeddings)
+    if prior == "uniform":
+        return torch.zeros(*r.latent_shape, k, dtype=torch.float64)
+    cache = r.path / "codes" / "codes.pt"
+    if not cache.is_file():
+        raise MrivqError(f"run {r.path.name} has no training code cache ({cache}); train the prior stage "
+                         f"(`mrivq train --stage prior --run {r.path}`) to write it")
+    codes = torch.load(cache, map_location="cpu", weights_only=True)
+    if codes.get("vqvae_sha256") != r.checkpoints["vqvae"]:
+        raise MrivqError(f"{cache} was encoded by another VQ-VAE checkpoint; rerun `mrivq train --stage prior "
+                         f"--run {r.path}` to refresh it")
+    return marginal_logits(codes["train"], k)
+
 
 def _outputs(out_dir: Path, count: int, dims: int) -> list[Path]:
     ext = ".nii.gz" if dims == 3 else ".png"
@@ -54,14 +75,17 @@ def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
 def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, temperature: float = 1.0,
                top_k: int | None = None, batch_size: int = 4, cls: str | int | None = None,
                covariates: dict[str, float] | None = None, overwrite: bool = False, cached: bool = True,
-               device: str = "auto", progress: Progress | None = None) -> dict:
+               device: str = "auto", progress: Progress | None = None, prior: str = "pixelcnn") -> dict:
     """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths.
 
     ``cls`` picks the class of a class-conditional prior (default: cycle through the classes);
-    ``covariates`` (``{"age": 40}``) sets continuous covariates (default: the training means)."""
+    ``covariates`` (``{"age": 40}``) sets continuous covariates (default: the training means).
+    ``prior`` is the trained prior (``pixelcnn``), or a baseline that answers "is a prior needed?":
+    ``marginal`` draws each position's code independently from its training frequency there,
+    ``uniform`` draws codes uniformly at random."""
     from mrivq.io import save_nifti, save_png
     from mrivq.preview import grid, montage
-    from mrivq.sampling import sample_tokens
+    from mrivq.sampling import sample_independent, sample_tokens
 
     progress = progress or silent()
     if count < 1:
@@ -70,11 +94,15 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         raise MrivqError(f"--temperature {temperature} must be >= 0 (0 picks the most likely code)")
     if top_k is not None and top_k < 1:
         raise MrivqError(f"--top-k {top_k} must be at least 1")
+    if prior not in PRIORS:
+        raise MrivqError(f"--prior {prior!r} is not one of {', '.join(PRIORS)}")
+    if prior != "pixelcnn" and (cls is not None or covariates):
+        raise MrivqError(f"--prior {prior} is unconditional; drop --class/--covariate or use --prior pixelcnn")
     dev = resolve_device(device)
-    r = load_run(run, device=dev, need_prior=True)
+    r = load_run(run, device=dev, need_prior=prior == "pixelcnn")
     dims = r.preprocess.dims
     class_ids = None
-    n_classes = getattr(r.prior, "num_classes", None)
+    n_classes = getattr(r.prior, "num_classes", None) if prior == "pixelcnn" else None
     cls_id = r.class_id(cls)
     if cls_id is not None:
         class_ids = torch.full((count,), cls_id, dtype=torch.long, device=dev)
@@ -86,8 +114,12 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     extra = [out_dir / f"synth_{i:04d}{e}" for i in range(count) for e in ((".png", ".json") if dims == 3
                                                                            else (".json",))]
     _check_out_dir(out_dir, planned + extra + ([out_dir / "grid.png"] if dims == 2 else []), overwrite)
-    tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
-                           cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
+    if prior == "pixelcnn":
+        tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
+                               cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
+    else:
+        tokens = sample_independent(_baseline_logits(r, prior), count, temperature=temperature, top_k=top_k,
+                                    seed=seed)
     images, previews, sidecars = [], [], []
     decoded = []
     with torch.no_grad(), progress.task("decode", total=count, unit="sample") as bar:
@@ -96,7 +128,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             decoded.extend(list(x))
             bar.advance(len(x))
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
-            "temperature": temperature, "top_k": top_k, "sampler": "cached" if cached else "reference"}
+            "temperature": temperature, "top_k": top_k, "prior": prior,
+            "sampler": ("cached" if cached else "reference") if prior == "pixelcnn" else "independent"}
     for i, x in enumerate(decoded):
         path = planned[i]
         c = None if class_ids is None else int(class_ids[i])
