@@ -266,14 +266,15 @@ def eval_(
 
 # metric key, what it means, the reference value shown beside it
 _REALISM_ROWS = [
-    ("c2st_accuracy", "classifier two-sample accuracy (0.5 = indistinguishable)", None),
-    ("mmd", "MMD^2, Gaussian kernel", "mmd_floor"),
-    ("mmd_linear_monai", "MMD, MONAI MMDMetric (linear kernel)", "mmd_linear_monai_floor"),
-    ("ms_ssim_synth", "diversity: pairwise MS-SSIM (lower = more varied)", "ms_ssim_real"),
-    ("memorization", "nearest-training distance / real's (0 = copies)", None),
-    ("mask_dice_synth", "median head-mask Dice with the real mean mask", "mask_dice_real"),
-    ("head_shaped_fraction", "samples with mask Dice >= 0.85", None),
-    ("tissue_in_range", "samples with tissue fractions in the real range", None),
+    ("c2st_accuracy", "two-sample classifier; 0.5 = indistinguishable", None),
+    ("mmd", "MMD², Gaussian kernel", "mmd_floor"),
+    ("mmd_linear_monai", "MONAI MMDMetric (linear)", "mmd_linear_monai_floor"),
+    ("ms_ssim_synth", "pairwise MS-SSIM; lower = more varied", "ms_ssim_real"),
+    ("memorization", "NN distance to train / real's; 0 = copies", None),
+    ("mask_dice_synth", "median head-mask Dice, real mean mask", "mask_dice_real"),
+    ("head_shaped_fraction", "share with mask Dice >= 0.85", None),
+    ("tissue_in_range", "share with tissue fractions in real range", None),
+    ("tissue_z", "largest |mean tissue fraction - real| / real SD", None),
     ("fid", "FID", None),
 ]
 
@@ -290,7 +291,7 @@ def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: 
     for c in ("metric", "synthetic", "reference", "meaning"):
         t.add_column(c)
     ref_names = {"mmd_floor": "real halves", "mmd_linear_monai_floor": "real halves", "ms_ssim_real": "real",
-                 "mask_dice_real": "real (leave-one-out)"}
+                 "mask_dice_real": "real, LOO"}
     for key, meaning, ref in _REALISM_ROWS:
         if m.get(key) is None:
             continue

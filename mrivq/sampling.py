@@ -106,7 +106,12 @@ class _Incremental:
         self.r, self.C, self.L = prior.kernel_size // 2, prior.channels, prior.num_layers
         w = prior.embedding.weight
         self.cb = prior.cond_biases(cond, b)
+        self.pos = prior.position_biases()
         zeros = dict(device=w.device, dtype=w.dtype)
+        # attention key-value caches: per block [b, heads, positions, d], filled in raster order
+        npos, heads = math.prod(shape), prior.attention_heads
+        self.kv = {int(k): (torch.zeros(b, heads, npos, self.C // heads, **zeros),
+                            torch.zeros(b, heads, npos, self.C // heads, **zeros)) for k in prior.attention}
         n, r, C = self.n, self.r, self.C
         # win[k][l+1]: stack k features of layer l (index 0: token embeddings), r+1 blocks along axis k
         self.win = [[torch.zeros(b, C, r + 1, *shape[k + 1:], **zeros) for _ in range(self.L + 1)]
@@ -148,6 +153,8 @@ class _Incremental:
                 pre = pre + torch.einsum("oc,bc...->bo...", lw, src)
             if self.cb[l_] is not None:
                 pre = pre + self.cb[l_][:, k].reshape(b, -1, *[1] * (n - 1 - k))
+            if self.pos[l_] is not None:
+                pre = pre + self.pos[l_][k][(slice(None),) + prefix]
             new = win[l_][:, :, -1] + gate(pre)
             win[l_ + 1] = torch.cat([win[l_ + 1][:, :, 1:], new.unsqueeze(2)], 2)
             if self.rec is not None:
@@ -169,11 +176,24 @@ class _Incremental:
                 bias = bias + src.transpose(1, 2) @ layer.links[n - 2].weight.flatten(1).t()
             if self.cb[l_] is not None:
                 bias = bias + self.cb[l_][:, n - 1].unsqueeze(1)
+            if self.pos[l_] is not None:
+                bias = bias + self.pos[l_][n - 1][(slice(None),) + prefix].t()
             out.append(bias.expand(b, self.shape[-1], -1))
         return out
 
-    def position(self, i: int, rbias: list[torch.Tensor]) -> torch.Tensor:
-        """Horizontal stack at position ``i`` of the current row, all layers; returns logits ``[b, K]``."""
+    def attend(self, l_: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """Attention block after layer ``l_`` at flat position ``pos``: cache its key and value, attend
+        to every cached position ``<= pos`` (the full model's causal mask), return the new stream."""
+        blk = self.p.attention[str(l_)]
+        q, k, v = blk.split(h[:, None])
+        kc, vc = self.kv[l_]
+        kc[:, :, pos], vc[:, :, pos] = k[:, :, 0], v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, kc[:, :, :pos + 1], vc[:, :, :pos + 1])
+        return h + blk.merge(y)[:, 0]
+
+    def position(self, i: int, rbias: list[torch.Tensor], pos: int = 0) -> torch.Tensor:
+        """Horizontal stack at position ``i`` of the current row (flat index ``pos``), all layers;
+        returns logits ``[b, K]``."""
         r, b = self.r, self.b
         h = None
         for l_ in range(self.L):
@@ -181,6 +201,8 @@ class _Incremental:
             pre = torch.addmm(rbias[l_][:, i], src.reshape(b, -1), self.hw[l_])
             out = torch.addmm(self.pb[l_], gate(pre), self.pw[l_])
             h = out if l_ == 0 else h + out
+            if l_ in self.kv:
+                h = self.attend(l_, h, pos)
             self.hbuf[l_][:, i + r] = h
         w1, b1, w2, b2 = self.head
         return torch.addmm(b2, torch.relu(torch.addmm(b1, torch.relu(h), w1)), w2)
@@ -192,7 +214,7 @@ class _Incremental:
         for ri, row in enumerate(_rows(shape[:-1])):
             rbias = self.row_bias(row)
             for i in range(D):
-                logits = self.position(i, rbias)
+                logits = self.position(i, rbias, ri * D + i)
                 tok = pick(logits, u[:, ri * D + i], temperature, top_k)
                 tokens[(slice(None),) + row + (i,)] = tok
                 self.ebuf[:, i + r] = self.p.embedding(tok)

@@ -69,12 +69,17 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
     return out
 
 
-def build_prior(cfg: dict, dims: int, num_embeddings: int) -> torch.nn.Module:
+def build_prior(cfg: dict, dims: int, num_embeddings: int, latent_shape: tuple[int, ...] | None = None
+                ) -> torch.nn.Module:
+    """The prior of ``cfg["prior"]["model"]``; ``latent_shape`` (the code grid) is filled in for
+    position embeddings, which are tied to one grid."""
     from mrivq.models.pixelcnn import GatedPixelCNN
 
     mcfg = dict(cfg.get("prior", {}).get("model", {}))
     mcfg.setdefault("spatial_dims", dims)
     mcfg["num_embeddings"] = num_embeddings
+    if mcfg.get("positions") not in (None, "none") and latent_shape is not None:
+        mcfg["latent_shape"] = list(latent_shape)
     try:
         return GatedPixelCNN(**mcfg)
     except TypeError as e:
@@ -135,7 +140,7 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     if cov:  # data.covariates: one standardised input per column
         cfg = _pin_prior_size(cfg, "num_covariates", cov["columns"],
                               f"data.covariates has {len(cov['columns'])} column(s)", unset=(0,))
-    prior = build_prior(cfg, split.pre.dims, num_embeddings).to(device)
+    prior = build_prior(cfg, split.pre.dims, num_embeddings, tuple(codes["train"].shape[1:])).to(device)
     conditional = getattr(prior, "num_classes", None) is not None
     tr, va = codes["train"], codes["val"]
     tr_lab = codes.get("train_labels") if conditional else None

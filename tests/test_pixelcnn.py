@@ -36,10 +36,28 @@ def _perturbed(x: torch.Tensor, positions: list[tuple[int, ...]]) -> torch.Tenso
     return batch
 
 
-@pytest.mark.parametrize("shape", [(5, 5), (4, 4, 4), (6,)])
-def test_strict_causality_every_position(shape: tuple[int, ...]) -> None:
+def _levers(model: GatedPixelCNN) -> GatedPixelCNN:
+    """Attention outputs start at zero and position tables near it: give them weight so they count."""
+    with torch.no_grad():
+        for blk in model.attention.values():
+            torch.nn.init.normal_(blk.out.weight, std=0.5)
+        for p in [*getattr(model, "pos_tables", []), getattr(model, "pos_grid", None)]:
+            if p is not None:
+                p.normal_(std=1.0)
+    return model
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((5, 5), {}), ((4, 4, 4), {}), ((6,), {}),
+    ((4, 4, 4), {"positions": "axes", "attention_every": 1, "attention_heads": 2}),
+    ((5, 5), {"positions": "grid", "attention_every": 2}),
+    ((3, 4, 5), {"positions": "grid", "attention_every": 2}),
+])
+def test_strict_causality_every_position(shape: tuple[int, ...], kw: dict) -> None:
     """Changing the token at q never changes the logits at q or at any position before it."""
-    model = _model(len(shape), num_classes=2)
+    if kw.get("positions"):
+        kw = {**kw, "latent_shape": shape}
+    model = _levers(_model(len(shape), num_classes=2, **kw))
     torch.manual_seed(1)
     x = torch.randint(0, K, (1, *shape))
     positions = list(itertools.product(*[range(s) for s in shape]))  # raster order
@@ -122,3 +140,46 @@ def test_bad_conditioning_and_arguments_are_one_line_errors() -> None:
         GatedPixelCNN(4, 8)
     with pytest.raises(MrivqError, match="code grids"):
         _model(3)(x)
+
+
+def test_attention_sees_the_whole_earlier_volume_and_positions_break_translation() -> None:
+    """Without attention, a far earlier position cannot reach the logits (local receptive field);
+    with it, every earlier position can. Position embeddings make identical context give different
+    logits at different places; without them the interior is translation-equivariant."""
+    shape = (6, 6, 6)
+    x = torch.randint(0, K, (1, *shape))
+    p, far = (5, 5, 5), (0, 0, 0)  # 5 steps back on every axis: beyond 2 layers of kernel 3
+    for attention, reaches in ((0, False), (1, True)):
+        model = _levers(_model(3, num_layers=2, attention_every=attention, attention_heads=2))
+        with torch.no_grad():
+            d = (model(_perturbed(x, [far]))[(0, slice(None)) + p] - model(x)[(0, slice(None)) + p]).abs().max()
+        assert (d > 1e-9) == reaches
+    zeros = torch.zeros(1, *shape, dtype=torch.long)
+    plain = _model(3, num_layers=2)
+    placed = _levers(_model(3, num_layers=2, positions="axes", latent_shape=shape))
+    with torch.no_grad():
+        a, b = plain(zeros), placed(zeros)
+    assert (a[..., 3, 3, 3] - a[..., 4, 3, 3]).abs().max() < 1e-9  # same context, same logits
+    assert (b[..., 3, 3, 3] - b[..., 4, 3, 3]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("positions", ["axes", "grid"])
+def test_lever_config_round_trip_and_errors(positions: str) -> None:
+    model = GatedPixelCNN(3, 16, channels=8, num_layers=4, latent_shape=(3, 4, 5), positions=positions,
+                          attention_every=2, attention_heads=4)
+    assert sorted(model.attention) == ["1", "3"]
+    x = torch.randint(0, 16, (2, 3, 4, 5))
+    logits = model(x)
+    again = GatedPixelCNN(**model.config)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again(x), logits)
+    logits.sum().backward()
+    assert model.layers[0].pos.weight.grad is not None
+    with pytest.raises(MrivqError, match="built for code grids"):
+        model(torch.zeros(1, 4, 4, 5, dtype=torch.long))
+    with pytest.raises(MrivqError, match="latent_shape"):
+        GatedPixelCNN(3, 8, positions=positions)
+    with pytest.raises(MrivqError, match="positions must be"):
+        GatedPixelCNN(3, 8, positions="sinusoid", latent_shape=(2, 2, 2))
+    with pytest.raises(MrivqError, match="divide"):
+        GatedPixelCNN(3, 8, channels=6, attention_every=1, attention_heads=4)

@@ -28,6 +28,11 @@ def _prior(dims: int, **kw) -> GatedPixelCNN:
     model = GatedPixelCNN(dims, K, **{"channels": 8, "num_layers": 3, **kw}).double()
     with torch.no_grad():  # sharper logits than the default init, so samples are not all alike
         model.head[3].weight.mul_(4)
+        for blk in model.attention.values():  # attention outputs start at zero: make them count
+            torch.nn.init.normal_(blk.out.weight, std=0.5)
+        for p in [*getattr(model, "pos_tables", []), getattr(model, "pos_grid", None)]:
+            if p is not None:
+                p.normal_(std=1.0)
     return model
 
 
@@ -38,6 +43,13 @@ CASES = [
     pytest.param((6, 5), {"num_classes": 2, "kernel_size": 5}, torch.tensor([1, 0, 1]), {"top_k": 3},
                  id="2d-class-k5"),
     pytest.param((11,), {}, None, {"top_k": 2}, id="1d"),
+    pytest.param((3, 4, 5), {"positions": "axes", "latent_shape": (3, 4, 5)}, None, {}, id="3d-positions-axes"),
+    pytest.param((4, 3, 4), {"positions": "grid", "latent_shape": (4, 3, 4), "attention_every": 1,
+                             "attention_heads": 2}, None, {"temperature": 0.8}, id="3d-grid-attention"),
+    pytest.param((5, 6), {"attention_every": 2, "num_layers": 4, "num_classes": 2}, torch.tensor([1, 0, 1]), {},
+                 id="2d-attention-class"),
+    pytest.param((11,), {"attention_every": 1, "positions": "axes", "latent_shape": (11,)}, None, {},
+                 id="1d-attention-positions"),
 ]
 
 
@@ -51,7 +63,11 @@ def test_cached_equals_reference(shape, kw, cond, skw) -> None:
     assert len(torch.unique(fast)) > 1  # not a degenerate all-zeros grid
 
 
-@pytest.mark.parametrize("shape,kw,cond", [((4, 5), {}, None), ((3, 4, 3), {"num_classes": 2}, torch.tensor([1, 0]))])
+@pytest.mark.parametrize("shape,kw,cond", [
+    ((4, 5), {}, None), ((3, 4, 3), {"num_classes": 2}, torch.tensor([1, 0])),
+    ((3, 4, 3), {"positions": "axes", "latent_shape": (3, 4, 3), "attention_every": 1, "attention_heads": 2}, None),
+    ((4, 5), {"positions": "grid", "latent_shape": (4, 5), "attention_every": 2, "num_layers": 4}, None),
+])
 def test_cached_features_equal_forward(shape, kw, cond) -> None:
     prior = _prior(len(shape), **kw)
     record: list = []

@@ -184,23 +184,28 @@ def nearest(a: torch.Tensor, ref: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
     return v.numpy(), i.numpy()
 
 
-def otsu_threshold(x: np.ndarray) -> float:
-    """One foreground threshold for a set of volumes (Otsu 1979 on their pooled voxels)."""
+def head_threshold(x: np.ndarray) -> float:
+    """One head/background threshold for a set of volumes: half the Otsu (1979) threshold of their
+    pooled voxels. Otsu alone splits background+dark tissue from bright tissue, and T1's dark skull
+    and CSF fall below it, which opens the head's outline wherever the field of view cuts the neck."""
     from skimage.filters import threshold_otsu
 
     v = np.asarray(x, np.float32).ravel()
     if v.size > 2_000_000:
         v = v[:: v.size // 2_000_000 + 1]
-    return float(threshold_otsu(v))
+    return 0.5 * float(threshold_otsu(v))
 
 
 def head_masks(x: np.ndarray, threshold: float) -> np.ndarray:
-    """``[N, *spatial]`` bool: voxels above ``threshold``, holes filled, largest connected part kept."""
+    """``[N, *spatial]`` bool: voxels above ``threshold``, holes filled (in 3D, then in each slice
+    along the last axis, for heads left open where the field of view ends), largest part kept."""
     from scipy import ndimage
 
     out = np.zeros(x.shape, bool)
     for i, v in enumerate(np.asarray(x)):
         m = ndimage.binary_fill_holes(v > threshold)
+        if m.ndim == 3:
+            m = np.stack([ndimage.binary_fill_holes(m[..., k]) for k in range(m.shape[-1])], -1)
         lab, n = ndimage.label(m)
         if n > 1:
             sizes = ndimage.sum_labels(m, lab, range(1, n + 1))

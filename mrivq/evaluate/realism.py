@@ -39,19 +39,24 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _need(s: VolumeSet, what: str) -> None:
+def _need(s: VolumeSet, what: str) -> VolumeSet:
     if len(s) < MIN_VOLUMES:
         raise MrivqError(f"{what} {s.source} has {len(s)} volume(s); realism metrics need at least "
                          f"{MIN_VOLUMES} on each side")
+    return s
 
 
 def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, *,
-                    features: Any = None, seed: int = 0) -> dict:
+                    features: Any = None, seed: int = 0, model_space: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> dict:
     """Every realism metric of ``synth`` against ``real`` (arrays ``[N, C, *spatial]`` on one grid).
 
     ``train`` adds memorization; ``features`` (a :class:`mrivq.evaluate.features.FeatureExtractor`)
-    adds an FID named after it. Returns the JSON-able dict written to ``realism.json``, plus
-    ``_nearest`` (index of each sample's nearest train-or-real volume) for the picture."""
+    adds an FID named after it. ``model_space`` = (train, real) as the autoencoder reconstructs them:
+    memorization then compares samples with what the model can express of the training set, so a
+    decoded copy of a training code grid is at distance 0 (against the raw volumes it is as far away
+    as a new subject, by the reconstruction error). Returns the JSON-able dict written to
+    ``realism.json``, plus ``_nearest`` (index of each sample's nearest train-or-real volume)."""
     fs, fr = M.downsample(synth), M.downsample(real)
     res: dict[str, Any] = {"n_synth": len(synth), "n_real": len(real), "grid": list(synth.shape[2:]),
                            "features": "4x block means of the preprocessed intensities"}
@@ -70,18 +75,21 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
                ms_ssim_real=M.pairwise_ms_ssim(real, params, seed=seed), ms_ssim=params)
     xs, xr = torch.as_tensor(synth).flatten(1), torch.as_tensor(real).flatten(1)
     if train is not None:
-        xt = torch.as_tensor(train).flatten(1)
+        t_ref, r_ref = model_space if model_space is not None else (train, real)
+        xt = torch.as_tensor(t_ref).flatten(1)
         ds, idx = M.nearest(xs, xt)
-        dr, _ = M.nearest(xr, xt)
+        dr, _ = M.nearest(torch.as_tensor(r_ref).flatten(1), xt)
         scale = float(np.median(dr))
         res.update(memorization=float(np.median(ds)) / max(scale, 1e-12),
                    memorization_min=float(ds.min()) / max(scale, 1e-12), n_train=len(train),
+                   memorization_space="reconstructions through the run's VQ-VAE" if model_space is not None
+                   else "preprocessed volumes",
                    nearest_train_distance_synth=ds.tolist(), nearest_train_distance_real=dr.tolist())
         res["_nearest"] = ("nearest training volume", idx)
     else:
         res["memorization"] = None
         res["_nearest"] = ("nearest real volume", M.nearest(xs, xr)[1])
-    thr = M.otsu_threshold(real[:, 0])
+    thr = M.head_threshold(real[:, 0])
     mr, ms = M.head_masks(real[:, 0], thr), M.head_masks(synth[:, 0], thr)
     dice_s, dice_r = M.mask_dice(ms, M.mean_mask(mr)), M.loo_mask_dice(mr)
     res.update(mask_dice_synth=float(np.median(dice_s)), mask_dice_real=float(np.median(dice_r)),
@@ -95,8 +103,11 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
         "real_mean": tr.mean(0).tolist(), "real_min": lo.tolist(), "real_max": hi.tolist(),
         "synth_mean": ts.mean(0).tolist(), "synth_min": ts.min(0).tolist(), "synth_max": ts.max(0).tolist(),
         "synth_in_real_range": float(np.all((ts >= lo) & (ts <= hi), axis=1).mean()),
+        # how far the synthetic mean fraction is from the real one, in real standard deviations
+        "synth_mean_z": (np.abs(ts.mean(0) - tr.mean(0)) / np.maximum(tr.std(0), 1e-6)).tolist(),
     }
     res["tissue_in_range"] = res["tissue"]["synth_in_real_range"]
+    res["tissue_z"] = max(res["tissue"]["synth_mean_z"])
     res["_anatomy"] = {"mask Dice with the real mean mask": (dice_r, dice_s),
                        **{f"{n} tissue fraction": (tr[:, i], ts[:, i]) for i, n in enumerate(res["tissue"]["classes"])}}
     if features is not None:
@@ -109,6 +120,27 @@ def _fid(features: Any, synth: np.ndarray, real: np.ndarray) -> float:
     from mrivq.evaluate.features import fid
 
     return fid(features(synth), features(real))
+
+
+def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4) -> np.ndarray:
+    """``x`` encoded and decoded by the run's VQ-VAE (eval mode: the codebook never changes), then
+    intensity-scaled as a written sample is when it is read back (the run's percentile scaling)."""
+    from monai.data import MetaTensor
+
+    from mrivq.data import ScalePercentilesd
+    from mrivq.progress import silent
+
+    pre = r.preprocess
+    scale = ScalePercentilesd("image", pre.percentiles[0], pre.percentiles[1], pre.clip)
+    out = []
+    dev = next(r.vqvae.parameters()).device
+    with torch.no_grad(), (progress or silent()).task("reconstruct", total=len(x), unit="vol") as bar:
+        for s in range(0, len(x), batch):
+            xb = torch.as_tensor(x[s:s + batch], device=dev)
+            y = r.vqvae.decode_indices(r.vqvae.encode_indices(xb)).float().clamp(0, 1).cpu()
+            out.extend(scale({"image": MetaTensor(v)})["image"].as_tensor().numpy() for v in y)
+            bar.advance(len(xb))
+    return np.stack(out)
 
 
 def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, train: str | None = None, *,
@@ -125,23 +157,23 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --samples measures 3D volumes (NIfTI samples)")
     extractor = load_features(features) if features else None  # fail early, before loading volumes
-    check_samples(Path(samples), r)
+    files = check_samples(Path(samples), r)
+    if len(files) < MIN_VOLUMES:
+        raise MrivqError(f"samples folder {samples} has {len(files)} volume(s); realism metrics need at least "
+                         f"{MIN_VOLUMES} on each side")
     out = Path(json_out) if json_out else Path(samples) / "realism.json"
     if not out.parent.is_dir():
         raise MrivqError(f"--json: folder {out.parent} does not exist; create it or choose another path")
     real = real or f"{r.info.get('dataset')}:val"
     S = load_folder(Path(samples), r.preprocess, progress, "samples")
-    R = load_spec(real, r, root, progress, "real volumes")
-    T = load_spec(train, r, root, progress, "training volumes") if train else None
-    _need(S, "samples folder")
-    _need(R, "real set")
-    if T is not None:
-        _need(T, "training set")
+    R = _need(load_spec(real, r, root, progress, "real volumes"), "real set")
+    T = _need(load_spec(train, r, root, progress, "training volumes"), "training set") if train else None
     for other in (R, T):
         if other is not None and other.x.shape[1:] != S.x.shape[1:]:
             raise MrivqError(f"{other.source} preprocesses to {other.x.shape[1:]} but the samples to "
                              f"{S.x.shape[1:]}; compare volumes of one run")
-    res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed)
+    space = (_reconstruct(r, T.x, progress), _reconstruct(r, R.x, progress)) if T is not None else None
+    res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed, model_space=space)
     label, idx = res.pop("_nearest")
     anatomy = res.pop("_anatomy")
     ref = T if T is not None else R

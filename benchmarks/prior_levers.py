@@ -1,0 +1,107 @@
+"""Which prior options make samples real? Each lever trains a new prior on one run's VQ-VAE codes (the
+same codes, steps and schedule), synthesizes ``--count`` volumes and measures them with ``mrivq eval
+--samples`` against the run's held-out and training subjects. Prints JSON, one row per lever.
+
+    python benchmarks/prior_levers.py --run runs/quickstart --root data \\
+        --lever none='{}' --lever axes='{"positions": "axes"}' --lever attn='{"attention_every": 4}'
+
+A lever is ``NAME=JSON`` of ``prior.model`` keys (``prior.train`` keys under ``"train"``; ``NAME={}``
+is the run's own prior, measured without training it again). Each prior
+trains in a copy of the run (``WORK/NAME``: config, run.json, VQ-VAE checkpoints and code cache),
+so the run itself is untouched; a rerun resumes an unfinished prior and skips a finished one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.realism import KEEP, stage_seconds  # noqa: E402
+
+
+def copy_stage1(run: Path, dst: Path, model: dict, train: dict) -> None:
+    """``dst``: the run's stage 1 (config, run.json without the prior, VQ-VAE checkpoints, code cache,
+    VQ-VAE metrics) with ``prior.model``/``prior.train`` updated."""
+    (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for f in ("vqvae_best.pt", "vqvae_last.pt"):
+        if (run / "checkpoints" / f).is_file():
+            shutil.copy2(run / "checkpoints" / f, dst / "checkpoints" / f)
+    if (run / "codes").is_dir():
+        shutil.copytree(run / "codes", dst / "codes", dirs_exist_ok=True)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    prior = cfg.setdefault("prior", {})
+    prior["model"] = {**prior.get("model", {}), **model}
+    prior["train"] = {**prior.get("train", {}), **train}
+    (dst / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    info = json.loads((run / "run.json").read_text())
+    info["model_config"].pop("prior", None)
+    info.get("stages", {}).pop("prior", None)
+    (dst / "run.json").write_text(json.dumps(info, indent=2))
+    lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if '"stage": "vqvae"' in ln]
+    (dst / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a trained run (its VQ-VAE and codes are reused)")
+    ap.add_argument("--root", type=Path, help="data root of the run's dataset")
+    ap.add_argument("--work", type=Path, default=Path("levers"), help="folder for the lever runs and samples")
+    ap.add_argument("--lever", action="append", default=[], help="NAME=JSON of prior.model keys (repeatable)")
+    ap.add_argument("--count", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    from mrivq.evaluate import evaluate_realism
+    from mrivq.runs import load_run
+    from mrivq.synth import synthesize
+
+    dataset = load_run(args.run).info["dataset"]
+    rows = {}
+    for spec in args.lever:
+        name, _, kw = spec.partition("=")
+        model = json.loads(kw or "{}")
+        train = model.pop("train", {})
+        dst = args.work / name
+        done = (dst / "run.json").is_file() and json.loads((dst / "run.json").read_text()).get(
+            "stages", {}).get("prior", {}).get("done")
+        if not done and not model and not train:  # no lever: the run's own prior, not trained again
+            copy_stage1(args.run, dst, model, train)
+            for f in ("prior_best.pt", "prior_last.pt"):
+                shutil.copy2(args.run / "checkpoints" / f, dst / "checkpoints" / f)
+            shutil.copy2(args.run / "run.json", dst / "run.json")
+            shutil.copy2(args.run / "metrics.jsonl", dst / "metrics.jsonl")
+        elif not done:
+            resume = (dst / "checkpoints" / "prior_last.pt").is_file()
+            if not resume:
+                copy_stage1(args.run, dst, model, train)
+            subprocess.run([sys.executable, "-m", "mrivq", "train", "--stage", "prior", "--run", str(dst),
+                            *(["--resume"] if resume else []), "--device", "cpu"], check=True)
+        info = json.loads((dst / "run.json").read_text())
+        t0 = time.perf_counter()
+        synthesize(dst, args.count, dst / "samples", seed=args.seed, overwrite=True, device="cpu")
+        synth_s = time.perf_counter() - t0
+        m = evaluate_realism(dst, dst / "samples", f"{dataset}:val", f"{dataset}:train", root=args.root)["metrics"]
+        prior = load_run(dst, need_prior=True).prior
+        rows[name] = {**{k: m.get(k) for k in KEEP}, "lever": model, "prior_seconds": stage_seconds(dst).get("prior"),
+                      "prior_val_nats": info["stages"]["prior"]["val"].get("val_nats_per_token"),
+                      "prior_params": sum(p.numel() for p in prior.parameters()),
+                      "volumes_per_min": round(60 * args.count / synth_s, 1)}
+        print(json.dumps({name: rows[name]}), file=sys.stderr)
+    text = json.dumps({"run": str(args.run), "command": "python " + " ".join(sys.argv), "rows": rows}, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

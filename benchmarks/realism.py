@@ -1,0 +1,238 @@
+"""How real are the samples, and what does the prior add? Every metric of ``mrivq eval --samples`` for
+each prior and sampling setting of one run, plus MONAI's ``VQVAE`` + ``DecoderOnlyTransformer``
+(``VQVAETransformerInferer``) trained for the same wall-clock budget on the same data. Prints JSON.
+
+    python benchmarks/realism.py --work /tmp/realism            # fetch + README quick-start recipe, then all rows
+    python benchmarks/realism.py --run runs/quickstart --root data --rows pixelcnn,marginal,uniform,monai
+
+Rows (``--rows``): ``pixelcnn`` (T=1), ``pixelcnn-t0.7``, ``pixelcnn-top8``, ``pixelcnn-greedy`` (T=0),
+``marginal`` (each position's code drawn from its training frequencies), ``marginal-greedy`` (the most
+frequent code everywhere), ``uniform`` (random codes), ``recon`` (VQ-VAE reconstructions of training
+scans: the ceiling the decoder allows) and ``monai``. Every row is compared with the run's held-out
+subjects (``DATASET:val``) and, for memorization, its training subjects (``DATASET:train``).
+
+The MONAI row trains MONAI's ``VQVAE`` (same channels, residual layers, codes and code size; its
+default decay 0.5, which ``benchmarks/vqvae.py`` found better than 0.99) for as long as the mrivq run's
+stage 1 took, then a ``DecoderOnlyTransformer`` on its code grids (raster order) for as long as the
+mrivq prior took, each with the run's batch size, learning rate, warm-up and gradient clipping, and
+samples with ``VQVAETransformerInferer.sample``, which reruns the transformer on the whole prefix for
+every code (no cache), so it samples ``--monai-count`` volumes (fewer than the other rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+ROWS = {
+    "pixelcnn": {"prior": "pixelcnn", "temperature": 1.0},
+    "pixelcnn-t0.7": {"prior": "pixelcnn", "temperature": 0.7},
+    "pixelcnn-top8": {"prior": "pixelcnn", "temperature": 1.0, "top_k": 8},
+    "pixelcnn-greedy": {"prior": "pixelcnn", "temperature": 0.0},
+    "marginal": {"prior": "marginal", "temperature": 1.0},
+    "marginal-greedy": {"prior": "marginal", "temperature": 0.0},
+    "uniform": {"prior": "uniform", "temperature": 1.0},
+}
+KEEP = ("c2st_accuracy", "c2st_p_value", "mmd", "mmd_floor", "mmd_linear_monai", "mmd_linear_monai_floor",
+        "ms_ssim_synth", "ms_ssim_real", "memorization", "memorization_min", "mask_dice_synth", "mask_dice_real",
+        "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "n_synth", "n_real", "n_train")
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
+
+
+def stage_seconds(run: Path) -> dict[str, float]:
+    """Wall-clock seconds of each training stage, from the first to the last line of metrics.jsonl."""
+    times: dict[str, list[float]] = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "time" in m:
+            times.setdefault(m["stage"], []).append(float(m["time"]))
+    return {s: max(t) - min(t) for s, t in times.items()}
+
+
+def evaluate(run: Path, folder: Path, root: Path | None, dataset: str) -> dict:
+    from mrivq.evaluate import evaluate_realism
+
+    res = evaluate_realism(run, folder, f"{dataset}:val", f"{dataset}:train", root=root)["metrics"]
+    return {k: res.get(k) for k in KEEP}
+
+
+def write_volumes(r, vols: np.ndarray, out: Path) -> None:
+    """[N, 1, *grid] in [0, 1] -> NIfTI files with the run's synth geometry."""
+    from mrivq import data as D
+    from mrivq.io import save_nifti
+
+    out.mkdir(parents=True, exist_ok=True)
+    for i, v in enumerate(vols):
+        save_nifti(D.to_intensity(v, r.info["intensity"])[0], D.synth_geometry(r.preprocess, v.shape[1:]),
+                   out / f"synth_{i:04d}.nii.gz")
+
+
+def recon_row(run: Path, count: int, out: Path) -> None:
+    from mrivq.runs import load_run
+    from mrivq.train import load_split
+
+    r = load_run(run)
+    sp = load_split(r.config, Path(r.info["data_dir"]))
+    x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
+    with torch.no_grad():
+        y = torch.cat([r.vqvae.decode_indices(r.vqvae.encode_indices(x[s:s + 4])).clamp(0, 1)
+                       for s in range(0, len(x), 4)])
+    write_volumes(r, y.numpy(), out)
+
+
+def _schedule(opt: torch.optim.Optimizer, lr: float, step: int, warmup: int) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0) -> dict:
+    """Train MONAI's VQ-VAE and transformer for the mrivq stages' budgets; sample ``count`` volumes."""
+    from monai.inferers import VQVAETransformerInferer
+    from monai.networks.nets import VQVAE, DecoderOnlyTransformer
+    from monai.utils.ordering import Ordering, OrderingType
+
+    from mrivq.runs import load_run
+    from mrivq.train import load_split
+
+    torch.manual_seed(seed)
+    r = load_run(run)
+    vq_cfg, tr = r.info["model_config"]["vqvae"], r.config.get("train", {})
+    pr = r.config.get("prior", {}).get("train", {})
+    sp = load_split(r.config, Path(r.info["data_dir"]))
+    x_all = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(len(sp.train))])
+    levels = len(vq_cfg["channels"])
+    vq = VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(vq_cfg["channels"]),
+               num_res_layers=int(vq_cfg.get("num_res_layers", 1)), num_res_channels=tuple(vq_cfg["num_res_channels"]),
+               downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
+               num_embeddings=int(vq_cfg["num_embeddings"]), embedding_dim=int(vq_cfg["embedding_dim"]))
+    opt = torch.optim.Adam(vq.parameters(), lr=float(tr.get("lr", 1e-3)))
+    g = torch.Generator().manual_seed(seed)
+    steps, t0 = 0, time.perf_counter()
+    vq.train()
+    while time.perf_counter() - t0 < budgets["vqvae"]:
+        xb = x_all[torch.randint(len(x_all), (int(tr.get("batch_size", 2)),), generator=g)]
+        x_hat, q_loss = vq(xb)
+        loss = F.mse_loss(x_hat, xb) + q_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vq.parameters(), float(tr.get("grad_clip", 1.0)))
+        _schedule(opt, float(tr.get("lr", 1e-3)), steps, int(tr.get("warmup_steps", 50)))
+        opt.step()
+        steps += 1
+    vq.eval()
+    with torch.no_grad():
+        codes = torch.cat([vq.index_quantize(x_all[s:s + 8]) for s in range(0, len(x_all), 8)])
+    latent = tuple(codes.shape[1:])
+    k = int(vq_cfg["num_embeddings"])
+    ordering = Ordering(ordering_type=OrderingType.RASTER_SCAN.value, spatial_dims=3, dimensions=(1, *latent))
+    n_pos = int(np.prod(latent))
+    tf = DecoderOnlyTransformer(num_tokens=k + 1, max_seq_len=n_pos + 1, attn_layers_dim=64, attn_layers_depth=4,
+                                attn_layers_heads=4, use_flash_attention=True)
+    inferer = VQVAETransformerInferer()
+    opt = torch.optim.Adam(tf.parameters(), lr=float(pr.get("lr", 1e-3)))
+    seq = codes.flatten(1)[:, ordering.get_sequence_ordering()]
+    seq = F.pad(seq, (1, 0), value=k)  # start token
+    bs, tsteps, t0 = int(pr.get("batch_size", 8)), 0, time.perf_counter()
+    tf.train()
+    while time.perf_counter() - t0 < budgets["prior"]:
+        sb = seq[torch.randint(len(seq), (bs,), generator=g)]
+        logits = tf(sb[:, :-1])
+        loss = F.cross_entropy(logits.transpose(1, 2), sb[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tf.parameters(), float(pr.get("grad_clip", 1.0)))
+        _schedule(opt, float(pr.get("lr", 1e-3)), tsteps, int(pr.get("warmup_steps", 50)))
+        opt.step()
+        tsteps += 1
+    tf.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        img = inferer.sample(latent_spatial_dim=latent, starting_tokens=torch.full((count, 1), k, dtype=torch.long),
+                             vqvae_model=vq, transformer_model=tf, ordering=ordering, verbose=False)
+    sample_s = time.perf_counter() - t0
+    write_volumes(r, img.clamp(0, 1).numpy(), out)
+    return {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": float(loss),
+            "sample_seconds": round(sample_s, 1), "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, "
+                                                                      "use_flash_attention (torch SDPA)",
+            "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, help="a trained run (default: train the README quick start in --work)")
+    ap.add_argument("--root", type=Path, help="data root of the run's dataset (default: the run's data_dir)")
+    ap.add_argument("--work", type=Path, help="folder for data, the run and samples (default: a temp folder)")
+    ap.add_argument("--count", type=int, default=24, help="samples per row")
+    ap.add_argument("--monai-count", type=int, default=8, help="samples of the MONAI row (its sampler is slow)")
+    ap.add_argument("--rows", default=",".join([*ROWS, "recon", "monai"]))
+    ap.add_argument("--budget-vqvae", type=float, help="MONAI VQ-VAE seconds (default: the run's stage 1 time)")
+    ap.add_argument("--budget-prior", type=float, help="MONAI transformer seconds (default: the run's prior time)")
+    ap.add_argument("--reuse", action="store_true", help="measure rows already generated in --work again")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    from mrivq.synth import synthesize
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="mrivq-realism-"))
+    work.mkdir(parents=True, exist_ok=True)
+    run = args.run
+    if run is None:
+        run = work / "run"
+        if not (run / "checkpoints" / "prior_best.pt").is_file():
+            cli("fetch", "phantom", "--root", str(work / "data"))
+            cli("train", "--dataset", "phantom", "--root", str(work / "data"), "--preset", "vqvae3d-cpu",
+                "--out", str(run), *(["--resume"] if (run / "run.json").exists() else []))
+    from mrivq.runs import load_run
+
+    info = load_run(run).info
+    budgets = stage_seconds(run)
+    budgets.update({k: v for k, v in (("vqvae", args.budget_vqvae), ("prior", args.budget_prior)) if v})
+    rows: dict[str, dict] = {}
+    for name in args.rows.split(","):
+        folder = work / "samples" / name
+        t0 = time.perf_counter()
+        extra: dict = {}
+        done = folder / "generated.json"  # what generating the row cost (and MONAI's training record)
+        if args.reuse and done.is_file():
+            extra = json.loads(done.read_text())
+        elif name in ROWS:
+            synthesize(run, args.count, folder, seed=args.seed, overwrite=True, device="cpu", **ROWS[name])
+        elif name == "recon":
+            recon_row(run, args.count, folder)
+        elif name == "monai":
+            extra = monai_row(run, budgets, args.monai_count, folder, args.seed)
+        else:
+            raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'recon', 'monai'])}")
+        if not (args.reuse and done.is_file()):
+            extra["generate_seconds"] = round(time.perf_counter() - t0, 1)
+            done.write_text(json.dumps(extra))
+        rows[name] = {**evaluate(run, folder, args.root, info["dataset"]), **extra}
+        print(json.dumps({name: rows[name]}), file=sys.stderr)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    out = {"machine": machine,
+           "run": str(run), "stage_seconds": budgets, "rows": rows,
+           "command": "python " + " ".join(sys.argv)}
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
