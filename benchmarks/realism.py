@@ -96,9 +96,24 @@ def recon_row(run: Path, count: int, out: Path) -> None:
     write_volumes(r, y.numpy(), out)
 
 
-def _schedule(opt: torch.optim.Optimizer, lr: float, step: int, warmup: int) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+def train_for(model: torch.nn.Module, seconds: float, loss_fn, tcfg: dict) -> tuple[int, float]:
+    """Adam with ``mrivq train``'s linear warm-up and gradient clipping, for ``seconds`` of wall clock;
+    ``loss_fn()`` draws a batch and returns its loss. Returns (steps, last loss)."""
+    lr, warmup = float(tcfg.get("lr", 1e-3)), int(tcfg.get("warmup_steps", 50))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps, loss, t0 = 0, float("nan"), time.perf_counter()
+    model.train()
+    while time.perf_counter() - t0 < seconds:
+        out = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.get("grad_clip", 1.0)))
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (steps + 1) / max(warmup, 1))
+        opt.step()
+        steps, loss = steps + 1, float(out.detach())
+    model.eval()
+    return steps, loss
 
 
 def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0) -> dict:
@@ -121,21 +136,14 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
                num_res_layers=int(vq_cfg.get("num_res_layers", 1)), num_res_channels=tuple(vq_cfg["num_res_channels"]),
                downsample_parameters=((2, 4, 1, 1),) * levels, upsample_parameters=((2, 4, 1, 1, 0),) * levels,
                num_embeddings=int(vq_cfg["num_embeddings"]), embedding_dim=int(vq_cfg["embedding_dim"]))
-    opt = torch.optim.Adam(vq.parameters(), lr=float(tr.get("lr", 1e-3)))
     g = torch.Generator().manual_seed(seed)
-    steps, t0 = 0, time.perf_counter()
-    vq.train()
-    while time.perf_counter() - t0 < budgets["vqvae"]:
+
+    def vq_loss() -> torch.Tensor:
         xb = x_all[torch.randint(len(x_all), (int(tr.get("batch_size", 2)),), generator=g)]
         x_hat, q_loss = vq(xb)
-        loss = F.mse_loss(x_hat, xb) + q_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vq.parameters(), float(tr.get("grad_clip", 1.0)))
-        _schedule(opt, float(tr.get("lr", 1e-3)), steps, int(tr.get("warmup_steps", 50)))
-        opt.step()
-        steps += 1
-    vq.eval()
+        return F.mse_loss(x_hat, xb) + q_loss
+
+    steps, _ = train_for(vq, budgets["vqvae"], vq_loss, tr)
     with torch.no_grad():
         codes = torch.cat([vq.index_quantize(x_all[s:s + 8]) for s in range(0, len(x_all), 8)])
     latent = tuple(codes.shape[1:])
@@ -145,29 +153,21 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
     tf = DecoderOnlyTransformer(num_tokens=k + 1, max_seq_len=n_pos + 1, attn_layers_dim=64, attn_layers_depth=4,
                                 attn_layers_heads=4, use_flash_attention=True)
     inferer = VQVAETransformerInferer()
-    opt = torch.optim.Adam(tf.parameters(), lr=float(pr.get("lr", 1e-3)))
     seq = codes.flatten(1)[:, ordering.get_sequence_ordering()]
     seq = F.pad(seq, (1, 0), value=k)  # start token
-    bs, tsteps, t0 = int(pr.get("batch_size", 8)), 0, time.perf_counter()
-    tf.train()
-    while time.perf_counter() - t0 < budgets["prior"]:
-        sb = seq[torch.randint(len(seq), (bs,), generator=g)]
-        logits = tf(sb[:, :-1])
-        loss = F.cross_entropy(logits.transpose(1, 2), sb[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tf.parameters(), float(pr.get("grad_clip", 1.0)))
-        _schedule(opt, float(pr.get("lr", 1e-3)), tsteps, int(pr.get("warmup_steps", 50)))
-        opt.step()
-        tsteps += 1
-    tf.eval()
+
+    def tf_loss() -> torch.Tensor:
+        sb = seq[torch.randint(len(seq), (int(pr.get("batch_size", 8)),), generator=g)]
+        return F.cross_entropy(tf(sb[:, :-1]).transpose(1, 2), sb[:, 1:])
+
+    tsteps, loss = train_for(tf, budgets["prior"], tf_loss, pr)
     t0 = time.perf_counter()
     with torch.no_grad():
         img = inferer.sample(latent_spatial_dim=latent, starting_tokens=torch.full((count, 1), k, dtype=torch.long),
                              vqvae_model=vq, transformer_model=tf, ordering=ordering, verbose=False)
     sample_s = time.perf_counter() - t0
     write_volumes(r, img.clamp(0, 1).numpy(), out)
-    return {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": float(loss),
+    return {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": loss,
             "sample_seconds": round(sample_s, 1), "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, "
                                                                       "use_flash_attention (torch SDPA)",
             "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}

@@ -6,6 +6,8 @@ Public API (imported lazily so ``mrivq --help`` stays fast):
 - :class:`mrivq.GatedPixelCNN` — masked-convolution prior over code grids, 2D/3D, no blind spot.
 - :func:`mrivq.sample_tokens` — reference and cached incremental samplers.
 - :func:`mrivq.load_run` — a trained run's models together with its preprocessing.
+- :func:`mrivq.evaluate_realism` / :func:`mrivq.realism_metrics` — how real samples are (C2ST, MMD,
+  MS-SSIM diversity, memorization, anatomy, FID on named features).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ _LAZY = {
     "GatedPixelCNN": ("mrivq.models.pixelcnn", "GatedPixelCNN"),
     "sample_tokens": ("mrivq.sampling", "sample_tokens"),
     "load_run": ("mrivq.runs", "load_run"),
+    "evaluate_realism": ("mrivq.evaluate.realism", "evaluate_realism"),
+    "realism_metrics": ("mrivq.evaluate.realism", "realism_metrics"),
     "MrivqError": ("mrivq.errors", "MrivqError"),
 }
 

@@ -188,3 +188,23 @@ def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samp
         invoke("eval", "--run", str(run), "--samples", str(samples), "--train", "phantom:train", "--root", str(root))
         new = json.loads((samples / "realism.json").read_text())
     assert new["memorization"] > 5 * m["memorization"]
+
+
+def test_train_and_synth_with_position_embeddings_and_attention(root: Path, tmp_path: Path) -> None:
+    """The prior levers go through `mrivq train --set prior.model...`, are stored with the run, and
+    the cached sampler (the default) and the reference one give the same samples from them."""
+    run = tmp_path / "lev"
+    res = invoke("train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--out", str(run),
+                 "--device", "cpu", "--max-steps", "4", "--prior-max-steps", "3", *TINY,
+                 "--set", "prior.model.positions=grid", "--set", "prior.model.attention_every=1",
+                 "--set", "prior.model.attention_heads=2")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "run.json").read_text())["model_config"]["prior"]
+    assert cfg["positions"] == "grid" and cfg["attention_every"] == 1
+    assert cfg["latent_shape"] == json.loads((run / "run.json").read_text())["latent_shape"]
+    for sampler, out in (([], "a"), (["--reference"], "b")):
+        res = invoke("synth", "--run", str(run), "--count", "2", "--out", str(tmp_path / out), "--device", "cpu",
+                     *sampler)
+        assert res.exit_code == 0, res.output
+    a, b = (np.asarray(nib.load(tmp_path / o / "synth_0001.nii.gz").dataobj) for o in "ab")
+    assert np.array_equal(a, b)
