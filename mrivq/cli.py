@@ -241,7 +241,7 @@ def eval_(
 ) -> None:
     """Reconstruction metrics on a split (eval_<split>.json), or with --samples how real the samples are."""
     if samples is not None:
-        return _eval_realism(run, samples, real, train_set, features, json_out, root)
+        return _eval_realism(run, samples, real, train_set, features, json_out, root, device)
     from mrivq.infer import evaluate
 
     res = evaluate(run, split=split, device=device)
@@ -280,12 +280,12 @@ _REALISM_ROWS = [
 
 
 def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
-                  features: str | None, json_out: Path | None, root: Path | None) -> None:
+                  features: str | None, json_out: Path | None, root: Path | None, device: str) -> None:
     from mrivq.evaluate import evaluate_realism
 
     with Progress() as prog:
         res = evaluate_realism(run, samples, real, train_set, features=features, json_out=json_out, root=root,
-                               progress=prog)
+                               progress=prog, device=device)
     m = res["metrics"]
     t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})")
     for c in ("metric", "synthetic", "reference", "meaning"):

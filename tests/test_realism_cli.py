@@ -122,6 +122,7 @@ def _nifti(path: Path, shape: tuple[int, ...], spacing: float = 6.0) -> None:
     ("bad_split", "not one of train, val, all"),
     ("tiny_real", "at least 4"),
     ("bad_prior", "--prior"),
+    ("json_is_a_folder", "cannot write"),
 ])
 def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Path, samples: Path,
                                     tmp_path: Path) -> None:
@@ -150,6 +151,8 @@ def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Pat
         for i in range(2):
             _nifti(tmp_path / "r2" / f"r{i}.nii.gz", (32, 32, 32))
         args += ["--real", str(tmp_path / "r2")]
+    elif case == "json_is_a_folder":
+        args += ["--json", str(tmp_path)]
     elif case == "bad_prior":
         args = ["synth", "--run", str(run), "--prior", "gan", "--out", str(tmp_path / "o")]
     proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ The result is a table, ``realism.json`` and ``realism.png``.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -145,15 +146,16 @@ def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4) ->
 
 def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, train: str | None = None, *,
                      features: str | None = None, json_out: Path | None = None, root: Path | None = None,
-                     progress: Any = None, seed: int = 0) -> dict:
+                     progress: Any = None, seed: int = 0, device: str = "auto") -> dict:
     """Realism of the NIfTI samples in ``samples`` against ``real`` (default: the run's validation
     split), with memorization against ``train`` when given. Writes JSON (``json_out``, else
     ``samples/realism.json``) and ``realism.png`` beside it; returns ``{"metrics", "json", "picture"}``."""
     from mrivq.evaluate.features import load_features
     from mrivq.evaluate.picture import realism_figure
+    from mrivq.loop import resolve_device
     from mrivq.runs import load_run, write_json
 
-    r = load_run(run)
+    r = load_run(run, device=resolve_device(device))
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --samples measures 3D volumes (NIfTI samples)")
     extractor = load_features(features) if features else None  # fail early, before loading volumes
@@ -164,6 +166,8 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     out = Path(json_out) if json_out else Path(samples) / "realism.json"
     if not out.parent.is_dir():
         raise MrivqError(f"--json: folder {out.parent} does not exist; create it or choose another path")
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        raise MrivqError(f"cannot write {out}; pass --json with a writable file path")
     real = real or f"{r.info.get('dataset')}:val"
     S = load_folder(Path(samples), r.preprocess, progress, "samples")
     R = _need(load_spec(real, r, root, progress, "real volumes"), "real set")
