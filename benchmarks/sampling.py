@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--codes", type=int, default=512)
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--positions", default=None, help="prior option positions (axes or grid)")
+    ap.add_argument("--attention-every", type=int, default=0, help="prior option attention_every")
     ap.add_argument("--no-monai", action="store_true", help="skip MONAI's sampler")
     ap.add_argument("--preset-count", type=int, default=4,
                     help="volumes sampled and decoded per default preset pair (0: skip volumes per minute)")
@@ -169,7 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    prior = GatedPixelCNN(3, args.codes, channels=args.channels, num_layers=args.layers).to(dev).eval()
+    def make_prior(shape: tuple[int, ...]) -> GatedPixelCNN:
+        torch.manual_seed(0)
+        return GatedPixelCNN(3, args.codes, channels=args.channels, num_layers=args.layers, latent_shape=shape,
+                             positions=args.positions, attention_every=args.attention_every).to(dev).eval()
+
+    prior = make_prior((4, 4, 4))
     sample_tokens(prior, (4, 4, 4), 1, seed=0)  # warm-up
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev),
@@ -188,10 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for size in args.sizes:
         shape, n_pos = (size,) * 3, size ** 3
+        prior = make_prior(shape)
         monai_models = None if args.no_monai else build_monai(size, args.codes, params(prior), dev)
         for b in args.batches:
             row: dict[str, Any] = {"latent": list(shape), "positions": n_pos, "batch": b}
-            runs = [timed(lambda b=b, shape=shape: sample_tokens(prior, shape, b, seed=0), dev)
+            runs = [timed(lambda b=b, shape=shape, prior=prior: sample_tokens(prior, shape, b, seed=0), dev)
                     for _ in range(args.repeats)]
             t_cached, fast = min(runs, key=lambda r: r[0])
             row["cached_s"] = round(t_cached, 3)
@@ -201,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
             predicted = per_pos * n_pos
             ref: dict[str, Any] = {"per_position_ms": round(1e3 * per_pos, 3), "measured_positions": k}
             if predicted <= args.limit:
-                t_ref, slow = timed(lambda b=b, shape=shape: sample_tokens(prior, shape, b, seed=0, cached=False), dev)
+                t_ref, slow = timed(lambda b=b, shape=shape, prior=prior: sample_tokens(
+                    prior, shape, b, seed=0, cached=False), dev)
                 ref.update(seconds=round(t_ref, 3), extrapolated=False, predicted_s=round(predicted, 3))
                 row["identical_tokens"] = bool(torch.equal(fast, slow))
             else:

@@ -35,6 +35,8 @@ def measure(vq_name: str, prior_name: str, count: int, batch: int, dev: torch.de
     shape = tuple(data["shape"])
     latent = tuple(vq.latent_shape(shape))
     pcfg = dict(load_preset(prior_name)["prior"]["model"])
+    if pcfg.get("positions"):  # position embeddings are tied to the code grid, as mrivq train sets it
+        pcfg["latent_shape"] = list(latent)
     prior = GatedPixelCNN(spatial_dims=data["dims"], num_embeddings=mcfg["num_embeddings"], **pcfg).to(dev).eval()
     sample_tokens(prior, latent, 1, seed=0, device=dev)  # warm-up
     t0 = time.perf_counter()
