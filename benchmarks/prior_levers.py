@@ -51,6 +51,29 @@ def copy_stage1(run: Path, dst: Path, model: dict, train: dict) -> None:
     (dst / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
+def step_cost(run: Path, steps: int, batch: int = 8) -> float:
+    """Median milliseconds of one training step (forward, backward, Adam) of the run's prior on its codes."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from mrivq.runs import load_run
+
+    prior = load_run(run, need_prior=True).prior.train()
+    codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"][:batch]
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps + 2):
+        t = time.perf_counter()
+        loss = F.cross_entropy(prior(codes), codes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times[2:]), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a trained run (its VQ-VAE and codes are reused)")
@@ -59,6 +82,10 @@ def main() -> None:
     ap.add_argument("--lever", action="append", default=[], help="NAME=JSON of prior.model keys (repeatable)")
     ap.add_argument("--count", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-only", action="store_true",
+                    help="levers already trained and measured: only time a training step and `synth` again "
+                         "(for a quiet machine)")
+    ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     from mrivq.evaluate import evaluate_realism
@@ -72,6 +99,13 @@ def main() -> None:
         model = json.loads(kw or "{}")
         train = model.pop("train", {})
         dst = args.work / name
+        if args.timing_only:
+            t0 = time.perf_counter()
+            synthesize(dst, args.count, dst / "samples-timing", seed=args.seed, overwrite=True, device="cpu")
+            rows[name] = {"prior_ms_per_step": step_cost(dst, args.timing_steps),
+                          "volumes_per_min": round(60 * args.count / (time.perf_counter() - t0), 1)}
+            print(json.dumps({name: rows[name]}), file=sys.stderr)
+            continue
         done = (dst / "run.json").is_file() and json.loads((dst / "run.json").read_text()).get(
             "stages", {}).get("prior", {}).get("done")
         if not done and not model and not train:  # no lever: the run's own prior, not trained again

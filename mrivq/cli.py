@@ -371,7 +371,7 @@ def synth(
     seed: int = typer.Option(0, "--seed"),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature; 0 = most likely code."),
     top_k: int | None = typer.Option(None, "--top-k"),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Code grids sampled together (decoded 4 at a time)."),
     class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
                                       "class-conditional prior."),
     covariate: list[str] = CovariateOpt,

@@ -108,10 +108,15 @@ class _Incremental:
         self.cb = prior.cond_biases(cond, b)
         self.pos = prior.position_biases()
         zeros = dict(device=w.device, dtype=w.dtype)
-        # attention key-value caches: per block [b, heads, positions, d], filled in raster order
+        # attention key-value caches per block, filled in raster order: keys transposed
+        # [b*heads, d, positions] (one query against all keys is then one contiguous product), values
+        # [b*heads, positions, d]
         npos, heads = math.prod(shape), prior.attention_heads
-        self.kv = {int(k): (torch.zeros(b, heads, npos, self.C // heads, **zeros),
-                            torch.zeros(b, heads, npos, self.C // heads, **zeros)) for k in prior.attention}
+        d = self.C // heads
+        self.kv = {int(k): (torch.zeros(b * heads, d, npos, **zeros), torch.zeros(b * heads, npos, d, **zeros))
+                   for k in prior.attention}
+        self.attn_w = {int(k): (a.norm.weight, a.norm.bias, a.qkv.weight.t().contiguous(), a.qkv.bias,
+                                a.out.weight.t().contiguous(), a.out.bias) for k, a in prior.attention.items()}
         n, r, C = self.n, self.r, self.C
         # win[k][l+1]: stack k features of layer l (index 0: token embeddings), r+1 blocks along axis k
         self.win = [[torch.zeros(b, C, r + 1, *shape[k + 1:], **zeros) for _ in range(self.L + 1)]
@@ -183,13 +188,19 @@ class _Incremental:
 
     def attend(self, l_: int, h: torch.Tensor, pos: int) -> torch.Tensor:
         """Attention block after layer ``l_`` at flat position ``pos``: cache its key and value, attend
-        to every cached position ``<= pos`` (the full model's causal mask), return the new stream."""
-        blk = self.p.attention[str(l_)]
-        q, k, v = blk.split(h[:, None])
-        kc, vc = self.kv[l_]
-        kc[:, :, pos], vc[:, :, pos] = k[:, :, 0], v[:, :, 0]
-        y = F.scaled_dot_product_attention(q, kc[:, :, :pos + 1], vc[:, :, :pos + 1])
-        return h + blk.merge(y)[:, 0]
+        to every cached position ``<= pos`` (the full model's causal mask), return the new stream.
+        The same arithmetic as :class:`~mrivq.models.pixelcnn.CausalAttention`, as plain matrix
+        products on one position (module calls and SDPA dispatch cost more than the maths here)."""
+        ln_w, ln_b, qkv_w, qkv_b, out_w, out_b = self.attn_w[l_]
+        b, heads, C = self.b, self.p.attention_heads, self.C
+        d = C // heads
+        qkv = torch.addmm(qkv_b, F.layer_norm(h, (C,), ln_w, ln_b), qkv_w).view(b, 3, heads * d)
+        kt, vc = self.kv[l_]  # keys transposed [b*heads, d, N], values [b*heads, N, d]
+        kt[:, :, pos] = qkv[:, 1].reshape(b * heads, d)
+        vc[:, pos] = qkv[:, 2].reshape(b * heads, d)
+        scores = torch.bmm(qkv[:, 0].reshape(b * heads, 1, d), kt[:, :, :pos + 1]) * d ** -0.5
+        y = torch.bmm(torch.softmax(scores, -1), vc[:, :pos + 1]).reshape(b, C)
+        return h + torch.addmm(out_b, y, out_w)
 
     def position(self, i: int, rbias: list[torch.Tensor], pos: int = 0) -> torch.Tensor:
         """Horizontal stack at position ``i`` of the current row (flat index ``pos``), all layers;

@@ -22,6 +22,10 @@ from mrivq.progress import Progress, silent
 from mrivq.runs import load_run, write_json
 
 PRIORS = ("pixelcnn", "marginal", "uniform")
+# Code grids are sampled ``batch_size`` at a time (the cached sampler's cost per position is mostly
+# fixed overhead, so larger batches are nearly free), but decoded a few at a time: the decoder's
+# activations at full resolution are what takes memory.
+DECODE_BATCH = 4
 
 
 def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
@@ -73,7 +77,7 @@ def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
 
 
 def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, temperature: float = 1.0,
-               top_k: int | None = None, batch_size: int = 4, cls: str | int | None = None,
+               top_k: int | None = None, batch_size: int = 16, cls: str | int | None = None,
                covariates: dict[str, float] | None = None, overwrite: bool = False, cached: bool = True,
                device: str = "auto", progress: Progress | None = None, prior: str = "pixelcnn") -> dict:
     """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths.
@@ -123,8 +127,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     images, previews, sidecars = [], [], []
     decoded = []
     with torch.no_grad(), progress.task("decode", total=count, unit="sample") as bar:
-        for s in range(0, count, batch_size):
-            x = r.vqvae.decode_indices(tokens[s:s + batch_size].to(dev)).float().clamp(0, 1).cpu().numpy()
+        for s in range(0, count, DECODE_BATCH):
+            x = r.vqvae.decode_indices(tokens[s:s + DECODE_BATCH].to(dev)).float().clamp(0, 1).cpu().numpy()
             decoded.extend(list(x))
             bar.advance(len(x))
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
