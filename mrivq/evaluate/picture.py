@@ -34,8 +34,8 @@ def realism_figure(path: Path, samples: np.ndarray, neighbours: np.ndarray, neig
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(("sample" if c < 3 else neighbour_label) + (" " + "axial coronal sagittal".split()[c % 3]),
-                             fontsize=8)
+                view = "axial coronal sagittal".split()[c % 3]
+                ax.set_title(f"sample {view}" if c < 3 else f"{neighbour_label}\n{view}", fontsize=7)
     for i, (name, (real, synth)) in enumerate(stats.items()):
         ax = fig.add_subplot(gs[k, i * 6:(i + 1) * 6])
         vals = np.concatenate([real, synth])

@@ -86,10 +86,10 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
                    memorization_space="reconstructions through the run's VQ-VAE" if model_space is not None
                    else "preprocessed volumes",
                    nearest_train_distance_synth=ds.tolist(), nearest_train_distance_real=dr.tolist())
-        res["_nearest"] = ("nearest training volume", idx)
+        res["_nearest"] = ("nearest training", idx)
     else:
         res["memorization"] = None
-        res["_nearest"] = ("nearest real volume", M.nearest(xs, xr)[1])
+        res["_nearest"] = ("nearest real", M.nearest(xs, xr)[1])
     thr = M.head_threshold(real[:, 0])
     mr, ms = M.head_masks(real[:, 0], thr), M.head_masks(synth[:, 0], thr)
     dice_s, dice_r = M.mask_dice(ms, M.mean_mask(mr)), M.loo_mask_dice(mr)
