@@ -58,10 +58,10 @@ def step_cost(run: Path, steps: int, batch: int = 8) -> float:
     import torch
     import torch.nn.functional as F
 
-    from mrivq.runs import load_run
+    from mrivq.runs import codes_path, load_run
 
     prior = load_run(run, need_prior=True).prior.train()
-    codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"][:batch]
+    codes = torch.load(codes_path(run), weights_only=True)["train"][:batch]
     opt = torch.optim.Adam(prior.parameters(), lr=1e-4)
     times = []
     for _ in range(steps + 2):

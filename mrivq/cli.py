@@ -264,18 +264,18 @@ def eval_(
     out.print(f"wrote {res['path']}")
 
 
-# metric key, what it means, the reference value shown beside it
+# metric key, what it means, the reference key shown beside it and what that reference is
 _REALISM_ROWS = [
-    ("c2st_accuracy", "two-sample classifier; 0.5 = indistinguishable", None),
-    ("mmd", "MMD², Gaussian kernel", "mmd_floor"),
-    ("mmd_linear_monai", "MONAI MMDMetric (linear)", "mmd_linear_monai_floor"),
-    ("ms_ssim_synth", "pairwise MS-SSIM; lower = more varied", "ms_ssim_real"),
-    ("memorization", "NN distance to train / real's; 0 = copies", None),
-    ("mask_dice_synth", "median head-mask Dice, real mean mask", "mask_dice_real"),
-    ("head_shaped_fraction", "share with mask Dice >= 0.85", None),
-    ("tissue_in_range", "share with tissue fractions in real range", None),
-    ("tissue_z", "largest |mean tissue fraction - real| / real SD", None),
-    ("fid", "FID", None),
+    ("c2st_accuracy", "two-sample classifier; 0.5 = indistinguishable", None, ""),
+    ("mmd", "MMD², Gaussian kernel", "mmd_floor", "real halves"),
+    ("mmd_linear_monai", "MONAI MMDMetric (linear)", "mmd_linear_monai_floor", "real halves"),
+    ("ms_ssim_synth", "pairwise MS-SSIM; lower = more varied", "ms_ssim_real", "real"),
+    ("memorization", "NN distance to train / real's; 0 = copies", None, ""),
+    ("mask_dice_synth", "median head-mask Dice, real mean mask", "mask_dice_real", "real, LOO"),
+    ("head_shaped_fraction", "share with mask Dice >= 0.85", None, ""),
+    ("tissue_in_range", "share with tissue fractions in real range", None, ""),
+    ("tissue_z", "largest |mean tissue fraction - real| / real SD", None, ""),
+    ("fid", "FID", None, ""),
 ]
 
 
@@ -290,12 +290,10 @@ def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: 
     t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})")
     for c in ("metric", "synthetic", "reference", "meaning"):
         t.add_column(c)
-    ref_names = {"mmd_floor": "real halves", "mmd_linear_monai_floor": "real halves", "ms_ssim_real": "real",
-                 "mask_dice_real": "real, LOO"}
-    for key, meaning, ref in _REALISM_ROWS:
+    for key, meaning, ref, ref_name in _REALISM_ROWS:
         if m.get(key) is None:
             continue
-        r = f"{m[ref]:.4g} ({ref_names[ref]})" if ref and m.get(ref) is not None else ""
+        r = f"{m[ref]:.4g} ({ref_name})" if ref and m.get(ref) is not None else ""
         t.add_row(key, f"{m[key]:.4g}", r, meaning)
     out.print(t)
     if m.get("fid_features"):

@@ -189,6 +189,11 @@ class Run:
         return {"class": cls_ids, "covariates": z.to(device).expand(n, -1)}, values
 
 
+def codes_path(run: Path) -> Path:
+    """``codes/codes.pt``: the prior's cached training/validation code grids (see ``train_prior``)."""
+    return Path(run) / "codes" / "codes.pt"
+
+
 def checkpoint_path(run: Path, stage: str, which: str = "best") -> Path:
     """``checkpoints/<stage>_<which>.pt``, falling back to ``last`` when there is no ``best``."""
     p = Path(run) / "checkpoints" / f"{stage}_{which}.pt"

@@ -202,7 +202,7 @@ class _Incremental:
         y = torch.bmm(torch.softmax(scores, -1), vc[:, :pos + 1]).reshape(b, C)
         return h + torch.addmm(out_b, y, out_w)
 
-    def position(self, i: int, rbias: list[torch.Tensor], pos: int = 0) -> torch.Tensor:
+    def position(self, i: int, rbias: list[torch.Tensor], pos: int) -> torch.Tensor:
         """Horizontal stack at position ``i`` of the current row (flat index ``pos``), all layers;
         returns logits ``[b, K]``."""
         r, b = self.r, self.b

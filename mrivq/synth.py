@@ -19,7 +19,7 @@ from mrivq import data as D
 from mrivq.errors import MrivqError
 from mrivq.loop import resolve_device
 from mrivq.progress import Progress, silent
-from mrivq.runs import load_run, write_json
+from mrivq.runs import codes_path, load_run, write_json
 
 PRIORS = ("pixelcnn", "marginal", "uniform")
 # Code grids are sampled ``batch_size`` at a time (the cached sampler's cost per position is mostly
@@ -36,7 +36,7 @@ def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
     k = int(r.vqvae.num_embeddings)
     if prior == "uniform":
         return torch.zeros(*r.latent_shape, k, dtype=torch.float64)
-    cache = r.path / "codes" / "codes.pt"
+    cache = codes_path(r.path)
     if not cache.is_file():
         raise MrivqError(f"run {r.path.name} has no training code cache ({cache}); train the prior stage "
                          f"(`mrivq train --stage prior --run {r.path}`) to write it")

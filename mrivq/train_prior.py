@@ -18,6 +18,7 @@ from mrivq.loop import LoopConfig, batch_indices, run_loop
 from mrivq.progress import Progress, silent
 from mrivq.runs import (
     checkpoint_path,
+    codes_path,
     file_sha256,
     load_checkpoint,
     read_run_info,
@@ -41,7 +42,7 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
     if not ck_path.is_file():
         raise RunError(f"{run_dir} has no VQ-VAE checkpoint; train stage 1 first (`mrivq train --stage vqvae`)")
     sha = file_sha256(ck_path)
-    cache = Path(run_dir) / "codes" / "codes.pt"
+    cache = codes_path(run_dir)
     if cache.is_file():
         codes = torch.load(cache, map_location="cpu", weights_only=True)
         if codes.get("vqvae_sha256") == sha and "train_subjects" in codes:

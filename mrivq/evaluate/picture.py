@@ -3,6 +3,7 @@ anatomy statistics, real against synthetic."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,6 @@ def realism_figure(path: Path, samples: np.ndarray, neighbours: np.ndarray, neig
         if i == 0:
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)

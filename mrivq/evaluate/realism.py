@@ -19,7 +19,7 @@ import torch
 
 from mrivq.errors import MrivqError
 from mrivq.evaluate import metrics as M
-from mrivq.evaluate.volumes import VolumeSet, check_samples, load_folder, load_spec
+from mrivq.evaluate.volumes import check_samples, load_folder, load_spec
 
 MIN_VOLUMES = 4
 #: the keys every realism.json has (``memorization`` when a training set was given, ``fid`` with features)
@@ -40,11 +40,10 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _need(s: VolumeSet, what: str) -> VolumeSet:
-    if len(s) < MIN_VOLUMES:
-        raise MrivqError(f"{what} {s.source} has {len(s)} volume(s); realism metrics need at least "
+def _need(n: int, source: str, what: str) -> None:
+    if n < MIN_VOLUMES:
+        raise MrivqError(f"{what} {source} has {n} volume(s); realism metrics need at least "
                          f"{MIN_VOLUMES} on each side")
-    return s
 
 
 def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, *,
@@ -160,18 +159,20 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
         raise MrivqError(f"run {r.path.name} is 2D; eval --samples measures 3D volumes (NIfTI samples)")
     extractor = load_features(features) if features else None  # fail early, before loading volumes
     files = check_samples(Path(samples), r)
-    if len(files) < MIN_VOLUMES:
-        raise MrivqError(f"samples folder {samples} has {len(files)} volume(s); realism metrics need at least "
-                         f"{MIN_VOLUMES} on each side")
+    _need(len(files), str(samples), "samples folder")
     out = Path(json_out) if json_out else Path(samples) / "realism.json"
     if not out.parent.is_dir():
         raise MrivqError(f"--json: folder {out.parent} does not exist; create it or choose another path")
     if out.is_dir() or not os.access(out.parent, os.W_OK):
         raise MrivqError(f"cannot write {out}; pass --json with a writable file path")
     real = real or f"{r.info.get('dataset')}:val"
-    S = load_folder(Path(samples), r.preprocess, progress, "samples")
-    R = _need(load_spec(real, r, root, progress, "real volumes"), "real set")
-    T = _need(load_spec(train, r, root, progress, "training volumes"), "training set") if train else None
+    S = load_folder(Path(samples), r.preprocess, progress, "samples", files=files)
+    splits: dict = {}  # phantom:val and phantom:train preprocess the dataset once
+    R = load_spec(real, r, root, progress, "real volumes", splits)
+    _need(len(R), R.source, "real set")
+    T = load_spec(train, r, root, progress, "training volumes", splits) if train else None
+    if T is not None:
+        _need(len(T), T.source, "training set")
     for other in (R, T):
         if other is not None and other.x.shape[1:] != S.x.shape[1:]:
             raise MrivqError(f"{other.source} preprocesses to {other.x.shape[1:]} but the samples to "

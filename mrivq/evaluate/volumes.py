@@ -66,13 +66,15 @@ def nifti_files(folder: Path) -> list[Path]:
                   key=lambda p: _natural(p.name))
 
 
-def load_folder(folder: Path, pre: Any, progress: Any = None, what: str = "volumes") -> VolumeSet:
-    """Every NIfTI file in ``folder`` (or else every DICOM series under it), preprocessed."""
+def load_folder(folder: Path, pre: Any, progress: Any = None, what: str = "volumes",
+                files: list[Path] | None = None) -> VolumeSet:
+    """Every NIfTI file in ``folder`` (or else every DICOM series under it), preprocessed; ``files``:
+    the NIfTI files already listed (by :func:`check_samples`)."""
     from mrivq.io import scan_dicom_series
     from mrivq.progress import silent
 
     folder = Path(folder)
-    files = nifti_files(folder)
+    files = nifti_files(folder) if files is None else files
     if files:
         srcs = [({"path": str(p)}, p.name) for p in files]
     else:
@@ -92,8 +94,11 @@ def load_folder(folder: Path, pre: Any, progress: Any = None, what: str = "volum
     return _stack(arrays, names, str(folder), pre)
 
 
-def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: Any = None) -> VolumeSet:
-    """A fetched dataset's ``split`` of the run's subject split, preprocessed like training."""
+def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: Any = None,
+                 splits: dict | None = None) -> VolumeSet:
+    """A fetched dataset's ``split`` of the run's subject split, preprocessed like training.
+    ``splits`` (data folder -> loaded split) lets ``phantom:val`` and ``phantom:train`` of one
+    evaluation preprocess the dataset once."""
     from mrivq.paths import resolve_root
     from mrivq.train import load_split
 
@@ -104,7 +109,12 @@ def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: A
     if not (data_dir / "manifest.csv").is_file():
         raise MrivqError(f"dataset {name!r} is not fetched under {data_dir.parent}; fetch it with `mrivq fetch "
                          f"{name}` or pass --root, a NIfTI folder or a DICOM folder")
-    sp = load_split(run.config, data_dir, progress=progress)
+    key = str(data_dir.resolve())
+    sp = splits.get(key) if splits is not None else None
+    if sp is None:
+        sp = load_split(run.config, data_dir, progress=progress)
+        if splits is not None:
+            splits[key] = sp
     parts = {"train": [sp.train], "val": [sp.val], "all": [sp.train, sp.val]}[split]
     arrays, names = [], []
     for ds in parts:
@@ -115,8 +125,10 @@ def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: A
     return _stack(arrays, names, f"{name}:{split}", run.preprocess)
 
 
-def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = None, what: str = "volumes") -> VolumeSet:
-    """A folder (NIfTI or DICOM) if ``spec`` names one, else ``NAME[:SPLIT]`` of a fetched dataset."""
+def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = None, what: str = "volumes",
+              splits: dict | None = None) -> VolumeSet:
+    """A folder (NIfTI or DICOM) if ``spec`` names one, else ``NAME[:SPLIT]`` of a fetched dataset
+    (``splits``: see :func:`load_dataset`)."""
     p = Path(spec)
     if p.is_dir():
         return load_folder(p, run.preprocess, progress, what)
@@ -125,7 +137,7 @@ def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = Non
     name, _, split = spec.partition(":")
     if not name or "/" in name or "\\" in name:
         raise MrivqError(f"{spec} does not exist; pass a folder of volumes or a dataset name such as phantom:val")
-    return load_dataset(name, split or "all", run, root, progress)
+    return load_dataset(name, split or "all", run, root, progress, splits)
 
 
 def check_samples(folder: Path, run: Any) -> list[Path]:
