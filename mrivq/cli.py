@@ -237,11 +237,12 @@ def eval_(
     json_out: Path | None = typer.Option(None, "--json", help="Realism: where to write the JSON "
                                          "(default: realism.json in the samples folder)."),
     root: Path | None = RootOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Realism: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Reconstruction metrics on a split (eval_<split>.json), or with --samples how real the samples are."""
     if samples is not None:
-        return _eval_realism(run, samples, real, train_set, features, json_out, root, device)
+        return _eval_realism(run, samples, real, train_set, features, json_out, root, device, overwrite)
     from mrivq.infer import evaluate
 
     res = evaluate(run, split=split, device=device)
@@ -280,12 +281,13 @@ _REALISM_ROWS = [
 
 
 def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
-                  features: str | None, json_out: Path | None, root: Path | None, device: str) -> None:
+                  features: str | None, json_out: Path | None, root: Path | None, device: str,
+                  overwrite: bool) -> None:
     from mrivq.evaluate import evaluate_realism
 
     with Progress() as prog:
         res = evaluate_realism(run, samples, real, train_set, features=features, json_out=json_out, root=root,
-                               progress=prog, device=device)
+                               progress=prog, device=device, overwrite=overwrite)
     m = res["metrics"]
     t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})")
     for c in ("metric", "synthetic", "reference", "meaning"):

@@ -123,6 +123,7 @@ def _nifti(path: Path, shape: tuple[int, ...], spacing: float = 6.0) -> None:
     ("tiny_real", "at least 4"),
     ("bad_prior", "--prior"),
     ("json_is_a_folder", "cannot write"),
+    ("json_exists", "already exists"),
 ])
 def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Path, samples: Path,
                                     tmp_path: Path) -> None:
@@ -153,6 +154,9 @@ def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Pat
         args += ["--real", str(tmp_path / "r2")]
     elif case == "json_is_a_folder":
         args += ["--json", str(tmp_path)]
+    elif case == "json_exists":
+        (tmp_path / "mine.json").write_text("{}")
+        args += ["--json", str(tmp_path / "mine.json")]
     elif case == "bad_prior":
         args = ["synth", "--run", str(run), "--prior", "gan", "--out", str(tmp_path / "o")]
     proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)
@@ -161,6 +165,8 @@ def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Pat
     assert len(errors) == 1 and needle in errors[0] and proc.stderr.strip().endswith(errors[0].strip()), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "few" / "realism.json").exists()
+    if case == "json_exists":
+        assert (tmp_path / "mine.json").read_text() == "{}"  # the user's file is untouched
 
 
 def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samples: Path, tmp_path: Path) -> None:

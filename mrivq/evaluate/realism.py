@@ -145,7 +145,7 @@ def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4) ->
 
 def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, train: str | None = None, *,
                      features: str | None = None, json_out: Path | None = None, root: Path | None = None,
-                     progress: Any = None, seed: int = 0, device: str = "auto") -> dict:
+                     progress: Any = None, seed: int = 0, device: str = "auto", overwrite: bool = False) -> dict:
     """Realism of the NIfTI samples in ``samples`` against ``real`` (default: the run's validation
     split), with memorization against ``train`` when given. Writes JSON (``json_out``, else
     ``samples/realism.json``) and ``realism.png`` beside it; returns ``{"metrics", "json", "picture"}``."""
@@ -165,6 +165,8 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
         raise MrivqError(f"--json: folder {out.parent} does not exist; create it or choose another path")
     if out.is_dir() or not os.access(out.parent, os.W_OK):
         raise MrivqError(f"cannot write {out}; pass --json with a writable file path")
+    if json_out and not overwrite and (out.exists() or out.with_suffix(".png").exists()):
+        raise MrivqError(f"{out} (or its .png) already exists; pass --overwrite or choose another --json")
     real = real or f"{r.info.get('dataset')}:val"
     S = load_folder(Path(samples), r.preprocess, progress, "samples", files=files)
     splits: dict = {}  # phantom:val and phantom:train preprocess the dataset once
