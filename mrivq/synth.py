@@ -1,6 +1,6 @@
 """``mrivq synth``: sample code grids from the prior, decode them, write NIfTI/PNG with provenance.
 
-3D runs write ``synth_0000.nii.gz`` ... with the run's training spacing and RAS orientation (a real
+3D runs write ``synth_0000.nii.gz`` ... with the run's training spacing and orientation (a real
 affine, centred at 0 mm) and intensities mapped back to the training range, a PNG montage of three
 orthogonal mid-slices per sample and a JSON sidecar (run, checkpoint hashes, seed, temperature).
 2D runs write ``synth_0000.png`` ... and one ``grid.png``.

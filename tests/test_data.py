@@ -440,6 +440,26 @@ def test_synth_geometry_is_centred_ras():
     assert np.allclose(np.diag(aff2), 1.0) and np.allclose(aff2 @ [13.5, 13.5, 0, 1], [0, 0, 0, 1])
 
 
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIR"])
+def test_synth_geometry_follows_the_training_orientation(tmp_path, orientation):
+    """A volume preprocessed in ``orientation`` and written with ``synth_geometry`` puts the anatomy
+    where it was: a blob on the subject's right, front and top stays right, front and top."""
+    vol = np.zeros((20, 16, 12), np.float32)
+    vol[15:18, 11:14, 8:10] = 1.0  # RAS file: high x = right, high y = anterior, high z = superior
+    vol += 0.01 * smooth_volume(vol.shape)
+    path = write_nifti(tmp_path / "ras.nii.gz", vol, np.eye(4))
+    pre = D.Preprocess(spacing=None, clip=False, percentiles=[0, 100], orientation=orientation)
+    x, _ = D.preprocess_file(path, pre)
+    aff = D.synth_geometry(pre, x.shape[1:])
+    assert "".join(nib.aff2axcodes(aff)) == orientation
+    out = write_nifti(tmp_path / "synth.nii.gz", x[0].numpy(), aff)
+    canon = np.asarray(nib.as_closest_canonical(nib.load(str(out))).get_fdata())
+    assert canon.shape == vol.shape
+    assert np.unravel_index(np.argmax(canon), canon.shape) == np.unravel_index(np.argmax(vol), vol.shape)
+    centre = aff @ np.array([*(np.asarray(x.shape[1:]) - 1) / 2, 1.0])
+    assert np.allclose(centre[:3], 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2D: IDX, CIFAR, PNG, slices of volumes
 # ----------------------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def to_intensity(x: torch.Tensor | np.ndarray, stats: dict) -> np.ndarray:
 
 
 def synth_geometry(pre: Preprocess, spatial_shape: Sequence[int]) -> np.ndarray:
-    """RAS affine for generated images: diag(spacing) with the grid centred at 0 mm."""
+    """Affine for generated images: the run's spacing and ``pre.orientation`` (array axis i points to its
+    i-th axis code, as ``Orientationd`` left the training volumes), the grid centred at 0 mm. A run trained
+    in LPS thus writes LPS arrays with an LPS affine, not a left-right flipped RAS one."""
     shape = [int(s) for s in spatial_shape]
     if pre.spacing is None:
         sp = [1.0] * len(shape)
@@ -97,9 +99,17 @@ def synth_geometry(pre: Preprocess, spatial_shape: Sequence[int]) -> np.ndarray:
     while len(sp) < 3:
         sp.append(1.0)
         shape.append(1)
-    aff = np.diag(sp[:3] + [1.0])
-    aff[:3, 3] = -(np.asarray(shape[:3], dtype=np.float64) - 1) / 2 * np.asarray(sp[:3])
+    aff = np.eye(4)
+    codes = str(pre.orientation).upper() if pre.dims == 3 else "RAS"  # 2D slices are written RAS
+    for axis, code in enumerate(codes[:3]):  # array axis -> the world (RAS+) direction it points to
+        world, sign = _WORLD[code]
+        aff[:3, axis] = 0.0
+        aff[world, axis] = sign * sp[axis]
+    aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape[:3], dtype=np.float64) - 1) / 2)
     return aff
+
+
+_WORLD = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
 
 
 def _abs(p: str | Path, base: Path) -> Path:
