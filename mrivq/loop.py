@@ -52,14 +52,19 @@ def resolve_device(device: str) -> torch.device:
 
 
 def amp_dtype(device: torch.device, mode: str = "auto") -> torch.dtype | None:
-    """Autocast dtype: bf16 where the GPU supports it, else fp16; never on CPU unless asked."""
-    if mode in ("off", "none", False, None) or device.type != "cuda":
-        return torch.bfloat16 if (mode == "bf16" and device.type == "cpu") else None
+    """Autocast dtype: ``auto`` is bf16 where the GPU computes it natively (Ampere and later), else fp16
+    (V100 and T4 only emulate bf16, slower than fp32); on CPU only what is asked (``bf16``/``fp16``)."""
+    if mode in ("off", "none", False, None):
+        return None
+    if mode not in ("auto", "bf16", "fp16"):
+        raise MrivqError(f"train.amp={mode!r} is not one of auto, bf16, fp16, off")
     if mode == "fp16":
         return torch.float16
-    if mode == "bf16" or torch.cuda.is_bf16_supported():
+    if mode == "bf16":
         return torch.bfloat16
-    return torch.float16
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
@@ -142,6 +147,7 @@ class LoopConfig:
     amp: str = "auto"
     higher_is_better: bool = True  # best checkpoint by the validation key
     best_key: str = "val_psnr"
+    best_from: int = 0  # validations before this step never become the best checkpoint
 
 
 class MetricsLog:
@@ -158,6 +164,18 @@ class MetricsLog:
         except Exception:  # tensorboard not installed: metrics.jsonl is enough
             self.tb = None
 
+    def forget_after(self, step: int) -> None:
+        """Drop this stage's lines after ``step``: training resumed from a checkpoint at ``step`` redoes
+        them, and must not log them twice. (0: a stage started afresh drops all of its old lines.)"""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = [ln for ln in lines if not _later(ln, self.stage, step)]
+        if len(keep) != len(lines):
+            from mrivq.atomic import atomic_write_text
+
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
     def write(self, step: int, values: dict) -> None:
         rec = {"stage": self.stage, "step": step, "time": time.time(), **values}
         with open(self.path, "a") as f:
@@ -170,6 +188,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _later(line: str, stage: str, step: int) -> bool:
+    try:
+        rec = json.loads(line)
+    except ValueError:  # a line cut short by a crash: dropped as well
+        return True
+    return rec.get("stage") == stage and int(rec.get("step", 0)) > step
 
 
 def run_loop(
@@ -196,15 +222,17 @@ def run_loop(
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(lc.warmup_steps, lc.total_steps, lc.min_lr_ratio))
     dtype = amp_dtype(device, lc.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step, best = 0, None
     last_val: dict = {}
     if resume and last_path.is_file():
-        ck = load_checkpoint(last_path, map_location=device)
+        # on the CPU: the RNG states must stay CPU tensors; the weights move to the model's device
+        ck = load_checkpoint(last_path, map_location="cpu")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck.get("scaler") and scaler.is_enabled():  # a run that switches to fp16 starts a fresh scale
+            scaler.load_state_dict(ck["scaler"])
         step, best, last_val = ck["step"], ck.get("best"), ck.get("last_val", {})
         set_rng_state(ck["rng"])
 
@@ -223,7 +251,7 @@ def run_loop(
             last_val = val_fn()
         model.train()
         log.write(step, last_val)
-        v = last_val.get(lc.best_key)
+        v = last_val.get(lc.best_key) if step >= lc.best_from else None
         if v is not None and (best is None or (v > best if lc.higher_is_better else v < best)):
             best = v
             checkpoint(best_path)
@@ -231,6 +259,7 @@ def run_loop(
                 on_best(step, last_val)
 
     log = MetricsLog(lc.run_dir, lc.stage)
+    log.forget_after(step if resume else 0)
     model.train()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     try:

@@ -112,6 +112,13 @@ class Progress:
         if self._rich is not None:
             self._rich.__exit__(*exc)
 
+    def note(self, message: str) -> None:
+        """A one-line message between the bars (e.g. why a stage starts again)."""
+        if self._rich is not None:
+            self._rich.console.print(message)
+        elif self.enabled:
+            print(message, file=self.stream, flush=True)
+
     @contextmanager
     def task(self, desc: str, total: float | None = None, unit: str = "it",
              start: float = 0) -> Iterator[_Task]:

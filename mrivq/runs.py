@@ -229,7 +229,12 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
 
         prior = GatedPixelCNN(**info["model_config"]["prior"])
         p_path = checkpoint_path(run_dir, "prior", which)
-        prior.load_state_dict(load_checkpoint(p_path, map_location=device)["model"])
+        p_ck = load_checkpoint(p_path, map_location=device)
+        trained_on = p_ck.get("vqvae_sha256")  # absent in checkpoints from before it was recorded
+        if trained_on is not None and trained_on != file_sha256(checkpoint_path(run_dir, "vqvae", "best")):
+            raise RunError(f"{run_dir}: the prior was trained on the codes of another VQ-VAE checkpoint; train it "
+                           f"again with `mrivq train --stage prior --run {run_dir}`")
+        prior.load_state_dict(p_ck["model"])
         run.prior = prior.to(device).eval()
         run.checkpoints["prior"] = file_sha256(p_path)
     elif need_prior:

@@ -33,6 +33,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
     "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
     "cache": "memory", "recon_loss": "mse", "threads": None,
+    "adversarial_weight": 0.0, "adversarial_start": 0, "disc_channels": 32, "disc_layers": 3, "disc_lr": None,
 }
 
 
@@ -206,9 +207,14 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
                     image_shape=list(spatial), in_channels=in_ch, intensity=split.stats,
                     model_config={**read_run_info(run_dir).get("model_config", {}), "vqvae": model.config},
                     n_train=n, n_val=len(split.val), classes=split.classes)
+    if tcfg["recon_loss"] not in ("mse", "l1"):
+        raise MrivqError(f"train.recon_loss={tcfg['recon_loss']!r} is not one of mse, l1")
     recon = F.l1_loss if tcfg["recon_loss"] == "l1" else F.mse_loss
     dims = split.pre.dims
     preview_every = int(tcfg["preview_every"] or tcfg["val_every"])
+    adv = Adversary.from_config(tcfg, dims, in_ch, device) if float(tcfg["adversarial_weight"]) > 0 else None
+    if adv is not None and resume:
+        adv.resume(run_dir / "checkpoints" / "vqvae_last.pt", device)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         b = collate(split.train, batch_indices(step, n, bs, tcfg["seed"]), device)
@@ -219,6 +225,10 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
         logs = {"recon": float(rec.detach()), "vq": float(info["vq_loss"].detach()),
                 "perplexity": float(info["perplexity"]), "code_usage": float(info["usage"]),
                 "voxels": float(x.numel())}
+        if adv is not None and step >= adv.start:
+            g_loss = adv.step(x, info["x_hat"].float())
+            loss = loss + adv.weight * g_loss
+            logs.update(adv_g=float(g_loss.detach()), adv_d=adv.last_d_loss)
         if step % preview_every == 0:
             with torch.no_grad():
                 write_preview(run_dir / "previews" / f"vqvae_step{step:06d}.png", x[0], info["x_hat"][0].float())
@@ -235,11 +245,76 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
                     warmup_steps=int(tcfg["warmup_steps"]), min_lr_ratio=float(tcfg["min_lr_ratio"]),
                     weight_decay=float(tcfg["weight_decay"]), grad_clip=float(tcfg["grad_clip"]),
                     val_every=int(tcfg["val_every"]), ckpt_every=int(tcfg["ckpt_every"]),
-                    log_every=int(tcfg["log_every"]), amp=tcfg["amp"], best_key="val_psnr")
-    val = run_loop(lc, model, device, step_fn, val_fn, resume=resume, progress=progress)
+                    log_every=int(tcfg["log_every"]), amp=tcfg["amp"], best_key="val_psnr",
+                    # a sharper decoder trades PSNR for realism: the best is chosen among adversarial steps
+                    best_from=adv.start + 1 if adv is not None else 0)
+    val = run_loop(lc, model, device, step_fn, val_fn, resume=resume, progress=progress,
+                   extra_state=adv.state_dict if adv is not None else None)
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
                                      "vqvae": {"done": True, "steps": total, "val": val}})
     return val
+
+
+class Adversary:
+    """A patch discriminator that sharpens the decoder (Isola et al. 2017; Esser et al. 2021, VQGAN).
+
+    MONAI's ``PatchDiscriminator`` scores overlapping patches of a volume as real or decoded with the
+    least-squares GAN loss (Mao et al. 2017, MONAI's ``PatchAdversarialLoss``). :meth:`step` first updates
+    the discriminator on ``x`` (real) and the detached reconstruction (fake), in float32 outside autocast,
+    then returns the generator's loss for the reconstruction, which the training loop adds to the VQ-VAE's
+    loss scaled by ``train.adversarial_weight``. ``train.adversarial_start`` delays it until the
+    autoencoder reconstructs something, as VQGAN does. Its state is saved in ``vqvae_last.pt`` so that
+    ``--resume`` continues it exactly.
+    """
+
+    def __init__(self, disc: torch.nn.Module, lr: float, weight: float, start: int, grad_clip: float) -> None:
+        from monai.losses import PatchAdversarialLoss
+
+        self.disc, self.weight, self.start, self.grad_clip = disc, weight, start, grad_clip
+        self.opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+        self.loss = PatchAdversarialLoss(criterion="least_squares")
+        self.last_d_loss = float("nan")
+
+    @classmethod
+    def from_config(cls, tcfg: dict, dims: int, in_channels: int, device: torch.device) -> Adversary:
+        from monai.networks.nets import PatchDiscriminator
+
+        disc = PatchDiscriminator(spatial_dims=dims, channels=int(tcfg["disc_channels"]), in_channels=in_channels,
+                                  num_layers_d=int(tcfg["disc_layers"]), norm="INSTANCE").to(device)
+        return cls(disc, float(tcfg["disc_lr"] or tcfg["lr"]), float(tcfg["adversarial_weight"]),
+                   int(tcfg["adversarial_start"]), float(tcfg["grad_clip"]))
+
+    def step(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            self.disc.train()
+            d_loss = 0.5 * (self.loss(self.disc(x_hat.detach().float())[-1], target_is_real=False,
+                                      for_discriminator=True)
+                            + self.loss(self.disc(x.float())[-1], target_is_real=True, for_discriminator=True))
+            self.opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.grad_clip)
+            self.opt.step()
+            self.last_d_loss = float(d_loss.detach())
+            for p in self.disc.parameters():  # the generator's loss trains the VQ-VAE only
+                p.requires_grad_(False)
+            g_loss = self.loss(self.disc(x_hat.float())[-1], target_is_real=True, for_discriminator=False)
+            for p in self.disc.parameters():
+                p.requires_grad_(True)
+        return g_loss
+
+    def state_dict(self) -> dict:
+        return {"discriminator": self.disc.state_dict(), "discriminator_optimizer": self.opt.state_dict()}
+
+    def resume(self, path: Path, device: torch.device) -> None:
+        from mrivq.runs import load_checkpoint
+
+        if not path.is_file():
+            return
+        ck = load_checkpoint(path, map_location=device)
+        if "discriminator" in ck:  # a run that turned the discriminator on later starts it fresh
+            self.disc.load_state_dict(ck["discriminator"])
+            self.opt.load_state_dict(ck["discriminator_optimizer"])
 
 
 def _total_steps(tcfg: dict, n: int, bs: int) -> int:

@@ -70,6 +70,29 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
     return out
 
 
+def set_aside_stale_prior(run_dir: Path, vqvae_sha256: str, progress: Progress | None = None) -> bool:
+    """Move prior checkpoints trained on another VQ-VAE checkpoint (its codes mean something else now)
+    into ``checkpoints/stale-<time>/``, so that stage 2 starts again instead of resuming them; returns
+    whether it did. Checkpoints from before the hash was recorded are trusted."""
+    import time
+
+    ck_dir = Path(run_dir) / "checkpoints"
+    found = [ck_dir / f"prior_{w}.pt" for w in ("last", "best") if (ck_dir / f"prior_{w}.pt").is_file()]
+    stale = [p for p in found if load_checkpoint(p).get("vqvae_sha256", vqvae_sha256) != vqvae_sha256]
+    if not stale:
+        return False
+    dest = ck_dir / time.strftime("stale-%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        p.rename(dest / p.name)
+    stages = read_run_info(run_dir).get("stages", {})
+    stages.pop("prior", None)
+    update_run_info(run_dir, stages=stages)
+    (progress or silent()).note(f"the VQ-VAE changed since the prior was trained: its checkpoints moved to "
+                                f"{dest}; training the prior again on the new codes")
+    return True
+
+
 def build_prior(cfg: dict, dims: int, num_embeddings: int, latent_shape: tuple[int, ...] | None = None
                 ) -> torch.nn.Module:
     """The prior of ``cfg["prior"]["model"]``; ``latent_shape`` (the code grid) is filled in for
@@ -158,6 +181,9 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     n, bs = len(tr), int(tcfg["batch_size"])
     from mrivq.train import _total_steps
 
+    if resume and set_aside_stale_prior(run_dir, codes["vqvae_sha256"], progress):
+        resume = False
+
     total = _total_steps(tcfg, n, bs)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
@@ -176,7 +202,8 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
                     val_every=int(tcfg["val_every"]), ckpt_every=int(tcfg["ckpt_every"]),
                     log_every=int(tcfg["log_every"]), amp=tcfg["amp"], higher_is_better=False,
                     best_key="val_nats_per_token")
-    val = run_loop(lc, prior, device, step_fn, val_fn, resume=resume, progress=progress)
+    val = run_loop(lc, prior, device, step_fn, val_fn, resume=resume, progress=progress,
+                   extra_state=lambda: {"vqvae_sha256": codes["vqvae_sha256"]})
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
                                      "prior": {"done": True, "steps": total, "val": val}})
     return val

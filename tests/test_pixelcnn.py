@@ -183,3 +183,14 @@ def test_lever_config_round_trip_and_errors(positions: str) -> None:
         GatedPixelCNN(3, 8, positions="sinusoid", latent_shape=(2, 2, 2))
     with pytest.raises(MrivqError, match="divide"):
         GatedPixelCNN(3, 8, channels=6, attention_every=1, attention_heads=4)
+
+
+def test_logits_are_float32_under_bf16_autocast():
+    """The output head runs outside autocast: cross-entropy sees unrounded logits."""
+    from mrivq.models.pixelcnn import GatedPixelCNN
+
+    prior = GatedPixelCNN(num_embeddings=16, spatial_dims=3, channels=8, num_layers=2)
+    idx = torch.randint(0, 16, (2, 4, 4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = prior(idx)
+    assert logits.dtype == torch.float32

@@ -243,3 +243,22 @@ def test_ddp_all_reduces_ema_statistics_and_shares_restarts(tmp_path):
     assert int(shared["step"]) == 3 and bool(shared["initialised"])
     # ... and would drift apart without the synchronisation
     assert not torch.equal(r0["restart_sync=False"]["codebook"], r1["restart_sync=False"]["codebook"])
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_batch_leaves_the_codebook_untouched(bad):
+    """An fp16 overflow upstream gives inf/NaN latents: the EMA statistics must not take them in (the
+    training loop then rejects the step), neither before nor after the data initialisation."""
+    q = VectorQuantizerEMA(num_embeddings=8, embedding_dim=2, init="sample")
+    q.train()
+    z = torch.randn(2, 2, 16)
+    z_bad = z.clone()
+    z_bad[0, 0, 3] = bad
+    q(z_bad)
+    assert not bool(q.initialised), "initialised from a non-finite batch"
+    q(z)
+    before = _buffers(q)
+    q(z_bad)
+    after = _buffers(q)
+    assert _same(before, after)
+    assert all(torch.isfinite(v.float()).all() for v in after.values())

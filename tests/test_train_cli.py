@@ -221,9 +221,15 @@ def _signal_at(proc: subprocess.Popen, metrics: Path, stage: str, step: int, sig
     return stderr
 
 
-def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path) -> None:
+ADVERSARIAL = ["--set", "train.adversarial_weight=0.1", "--set", "train.adversarial_start=5",
+               "--set", "train.disc_channels=4", "--set", "train.disc_layers=2"]
+
+
+@pytest.mark.parametrize("extra", [[], ADVERSARIAL], ids=["plain", "adversarial"])
+def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path, extra: list[str]) -> None:
+    """Also with the patch discriminator on: its weights and optimizer resume exactly too."""
     base = [sys.executable, "-m", "mrivq", "train", "--dataset", "phantom", "--root", str(phantom_root),
-            "--preset", "vqvae3d-cpu", "--device", "cpu", "--stage", "vqvae", "--max-steps", "40", *TINY]
+            "--preset", "vqvae3d-cpu", "--device", "cpu", "--stage", "vqvae", "--max-steps", "40", *TINY, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run([*base, "--out", str(full)], check=True, capture_output=True, env=env, timeout=600)
@@ -240,6 +246,14 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if extra:
+        da = torch.load(full / "checkpoints" / "vqvae_last.pt", weights_only=True)["discriminator"]
+        db = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["discriminator"]
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+        lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+        logged = [x for x in lines if "adv_g" in x]
+        assert logged and min(x["step"] for x in logged) > 5, "the discriminator starts at adversarial_start"
+        assert all(np.isfinite(x["adv_d"]) for x in logged)
 
 
 def test_prior_resume_after_sigint_equals_uninterrupted(trained_run: Path, tmp_path: Path) -> None:
@@ -280,6 +294,49 @@ def test_stage_prior_continues_an_existing_run(trained_run: Path, tmp_path: Path
     a = torch.load(trained_run / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
     b = torch.load(run / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vqvae_retrained_on_resume_trains_the_prior_again(trained_run: Path, tmp_path: Path) -> None:
+    """More VQ-VAE steps change its best checkpoint and so the codes: the old prior (trained on the old
+    codebook) is set aside, not resumed or taken as finished, and synth decodes the new prior's codes."""
+    import shutil
+
+    from mrivq.runs import file_sha256
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    old_vq = file_sha256(run / "checkpoints" / "vqvae_best.pt")
+    old_prior = torch.load(run / "checkpoints" / "prior_last.pt", weights_only=True)
+    assert old_prior["vqvae_sha256"] == old_vq
+    res = invoke("train", "--resume", "--out", str(run), "--max-steps", "16", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    new_vq = file_sha256(run / "checkpoints" / "vqvae_best.pt")
+    assert new_vq != old_vq, "premise: 8 more steps give a better VQ-VAE checkpoint"
+    prior = torch.load(run / "checkpoints" / "prior_last.pt", weights_only=True)
+    assert prior["vqvae_sha256"] == new_vq and prior["step"] == old_prior["step"]
+    stale = list((run / "checkpoints").glob("stale-*/prior_last.pt"))
+    assert len(stale) == 1 and torch.load(stale[0], weights_only=True)["step"] == old_prior["step"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("vqvae", "prior"):
+        steps = [x["step"] for x in lines if x["stage"] == stage and "loss" in x]
+        assert len(steps) == len(set(steps)), f"{stage} lines repeated"
+    res = invoke("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+
+
+def test_synth_refuses_a_prior_of_another_vqvae(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    for which in ("best", "last"):
+        path = run / "checkpoints" / f"prior_{which}.pt"
+        ck = torch.load(path, weights_only=True)
+        ck["vqvae_sha256"] = "0" * 64
+        torch.save(ck, path)
+    res = invoke("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--device", "cpu")
+    assert res.exit_code == 2 and "trained on the codes of another VQ-VAE" in res.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_synth_defaults_to_latest_run(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -325,7 +325,9 @@ class GatedPixelCNN(nn.Module):
                 h = self.attention[str(i)](h)
             all_stacks.append(stacks)
             all_h.append(h)
-        return {"logits": self.head(h), "stacks": all_stacks, "horizontal": all_h}
+        with torch.autocast(h.device.type, enabled=False):  # fp32 logits: bf16 would round them by ~1%
+            logits = self.head(h.to(self.head[1].weight.dtype))
+        return {"logits": logits, "stacks": all_stacks, "horizontal": all_h}
 
     def forward(self, indices: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """Logits ``[B, num_embeddings, *latent]``; position ``p`` depends only on positions before it."""

@@ -208,11 +208,14 @@ class VectorQuantizerEMA(nn.Module):
         only in training mode."""
         with torch.autocast(z.device.type, enabled=False):
             flat = self._flatten(z)
-            if self.training and not bool(self.initialised):
+            # an fp16 overflow upstream must not reach the codebook: the loop rejects the step's loss,
+            # but the EMA would already hold inf/NaN for good (all ranks agree, so none waits)
+            learn = self.training and self._all_finite(flat)
+            if learn and not bool(self.initialised):
                 self._init_codebook(flat.detach())
             idx, _ = _nearest(flat.detach(), self.codebook, self.use_cosine)
             z_q = self.codebook[idx]
-            if self.training:
+            if learn:
                 self._update(flat.detach(), idx)
             loss = self.commitment_cost * F.mse_loss(flat, z_q)  # z_q carries no gradient
             z_st = flat + (z_q - flat).detach()
@@ -221,6 +224,12 @@ class VectorQuantizerEMA(nn.Module):
         return quantized, loss, idx.view(shape)
 
     # ----------------------------------------------------------------- training-only updates
+    def _all_finite(self, flat: torch.Tensor) -> bool:
+        ok = torch.isfinite(flat).all().to(torch.int32)
+        if _dist_ready(self.ddp_sync):
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
+
     @torch.no_grad()
     def _init_codebook(self, flat: torch.Tensor) -> None:
         k = self.num_embeddings
