@@ -45,7 +45,7 @@ def reconstructions(run: Path, count: int, out: Path) -> None:
     from mrivq.train import load_split
 
     r = load_run(run, which="last")
-    sp = load_split(r.config, Path(r.info["data_dir"]))
+    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
     with torch.no_grad():
         y = torch.cat([r.vqvae.decode_indices(r.vqvae.encode_indices(x[s:s + 4])).clamp(0, 1)

@@ -88,7 +88,7 @@ def recon_row(run: Path, count: int, out: Path) -> None:
     from mrivq.train import load_split
 
     r = load_run(run)
-    sp = load_split(r.config, Path(r.info["data_dir"]))
+    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
     with torch.no_grad():
         y = torch.cat([r.vqvae.decode_indices(r.vqvae.encode_indices(x[s:s + 4])).clamp(0, 1)
@@ -129,7 +129,7 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
     r = load_run(run)
     vq_cfg, tr = r.info["model_config"]["vqvae"], r.config.get("train", {})
     pr = r.config.get("prior", {}).get("train", {})
-    sp = load_split(r.config, Path(r.info["data_dir"]))
+    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x_all = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(len(sp.train))])
     levels = len(vq_cfg["channels"])
     vq = VQVAE(spatial_dims=3, in_channels=1, out_channels=1, channels=tuple(vq_cfg["channels"]),

@@ -138,12 +138,13 @@ def fetch(
 
 @app.command()
 def train(
-    dataset: str = typer.Option("ixi", "--dataset", "-d", help="Dataset name under the data root."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="Dataset name under the data root [ixi]."),
     modality: list[str] = typer.Option(None, "--modality", "-m", help="Input modality (repeat for multi-contrast)."),
-    dims: int = typer.Option(3, "--dims", help="2 or 3 spatial dimensions."),
+    dims: int | None = typer.Option(None, "--dims", help="2 or 3 spatial dimensions [3]."),
     preset: str | None = typer.Option(None, "--preset", help="Preset from configs/ (default: by dims/device)."),
     config: Path | None = typer.Option(None, "--config", help="A YAML config file (overrides the preset)."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable); "
+                                   "on an existing run only the schedule's length, logging and speed."),
     stage: str = typer.Option("all", "--stage", help="all (VQ-VAE then prior), vqvae, or prior."),
     run: Path | None = typer.Option(None, "--run", help="Existing run (for --stage prior or --resume)."),
     out_dir: Path | None = typer.Option(None, "--out", help="Run folder (default runs/<dataset>-<mod>-<dims>d-<t>)."),
@@ -155,49 +156,26 @@ def train(
     root: Path | None = RootOpt,
 ) -> None:
     """Train the VQ-VAE (stage 1) and the PixelCNN prior (stage 2) into a run folder."""
-    from mrivq import config as C
+    from mrivq import runconfig as RC
     from mrivq.loop import Interrupted, resolve_device
-    from mrivq.runs import new_run_dir, resolve_run
+    from mrivq.runs import is_run, resolve_run
     from mrivq.train import train_run
 
-    if dims not in (2, 3):
-        raise MrivqError(f"--dims {dims} is not supported; use 2 or 3")
+    req = RC.TrainRequest(dataset, list(modality) if modality else None, dims, preset, config, set_ or None)
     run_dir = run or out_dir
-    cfg = None
-    data_dir = None
+    cfg, data_dir, meta = None, None, None
     if resume or stage == "prior":  # continue a run: the folder must be one (or the latest under runs/)
         run_dir = resolve_run(run_dir)
-    if run_dir is None or not (Path(run_dir) / "run.json").exists():
-        data_dir = resolve_root(root) / dataset
-        if not (data_dir / "manifest.csv").is_file():
-            raise MrivqError(f"dataset {dataset!r} is not fetched under {data_dir.parent}; run `mrivq fetch "
-                             f"{dataset}` first, or try `--dataset phantom` after `mrivq fetch phantom`")
-        modalities = list(modality) if modality else [_default_modality(data_dir)]
-        dev = resolve_device(device).type
-        name = preset or C.default_preset(dataset, dims, dev)
-        cfg = C.load_preset(name)
-        if config:
-            cfg = C.deep_merge(cfg, C.load_config_file(config))
-        prior_name = cfg.pop("prior_preset", None)
-        if prior_name and "prior" not in cfg:
-            cfg["prior"] = C.load_preset(prior_name).get("prior", {})
-        cfg.setdefault("data", {})
-        cfg["data"]["modalities"] = list(modalities)
-        if cfg["data"].get("dims", dims) != dims:
-            raise MrivqError(f"preset {name!r} is for {cfg['data']['dims']}D data but --dims {dims} was given; "
-                             f"pick a {dims}D preset (see configs/)")
-        cfg["data"]["dims"] = dims
-        cfg = C.apply_overrides(cfg, set_ or [])
-        cfg["preset"] = name
-        if run_dir is None:
-            run_dir = new_run_dir(Path("runs"), dataset, "+".join(modalities), dims)
-        err.print(f"preset {name}; run folder {run_dir}")
-    meta = {"dataset": dataset, "modalities": list(modality or []), "dims": dims}
+    if run_dir is None or not is_run(Path(run_dir)):
+        cfg, data_dir = RC.new_run_config(req, resolve_root(root), resolve_device(device).type)
+        run_dir = run_dir or RC.new_run_folder(cfg, dataset)
+        meta = RC.run_meta(cfg, dataset)
+        err.print(f"preset {cfg['preset']}; run folder {run_dir}")
     try:
         with Progress() as prog:
             summary = train_run(cfg, data_dir=data_dir, run_dir=Path(run_dir), stage=stage, resume=resume,
                                 device=device, max_steps=max_steps, epochs=epochs,
-                                prior_max_steps=prior_max_steps, progress=prog, meta=meta)
+                                prior_max_steps=prior_max_steps, progress=prog, meta=meta, request=req)
     except Interrupted as e:
         err.print(f"{e}; checkpoint written. Continue with: mrivq train --resume --out {run_dir}")
         raise typer.Exit(code=130) from None
@@ -206,19 +184,6 @@ def train(
             vals = "  ".join(f"{k} {v:.4g}" for k, v in summary[st].items() if isinstance(v, (int, float)))
             out.print(f"{st}: {vals}")
     out.print(f"run: {run_dir}")
-
-
-def _default_modality(data_dir: Path) -> str:
-    """``t1`` when the dataset has it, else its only modality; several others -> ask."""
-    import csv
-
-    with open(data_dir / "manifest.csv", newline="") as f:
-        mods = sorted({row.get("modality", "") for row in csv.DictReader(f)} - {""})
-    if "t1" in mods or not mods:
-        return "t1"
-    if len(mods) == 1:
-        return mods[0]
-    raise MrivqError(f"{data_dir.name} has modalities {', '.join(mods)}; choose with --modality")
 
 
 # ---------------------------------------------------------------- using a trained model

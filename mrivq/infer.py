@@ -38,7 +38,7 @@ def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict
     if split not in ("val", "train"):
         raise MrivqError(f"--split {split!r} is not one of val, train")
     r, dev = _load(run, device)
-    sp = load_split(r.config, Path(r.info["data_dir"]))
+    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     ds = sp.val if split == "val" else sp.train
     bs = int(r.config.get("train", {}).get("batch_size", 2))
     names = r.class_names  # data.condition_on (e.g. pooled modalities): per class too, in the same pass

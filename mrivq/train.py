@@ -6,9 +6,7 @@ PixelCNN prior (stage 2, :mod:`mrivq.train_prior`) on the code grids of the trai
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,115 +14,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrivq import data as D
+from mrivq.adversary import Adversary
+from mrivq.builders import TRAIN_DEFAULTS, build_vqvae, total_steps
 from mrivq.errors import MrivqError, RunError
 from mrivq.loop import LoopConfig, batch_indices, resolve_device, run_loop
 from mrivq.progress import Progress, silent
+from mrivq.runconfig import TrainRequest, continued_config
 from mrivq.runs import (
     is_run,
-    read_config,
     read_run_info,
     update_run_info,
     write_config,
 )
+from mrivq.split import Split, collate, iterate, load_split
+from mrivq.train_prior import train_prior
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "batch_size": 2, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
-    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
-    "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
-    "cache": "memory", "recon_loss": "mse", "threads": None,
-    "adversarial_weight": 0.0, "adversarial_start": 0, "disc_channels": 32, "disc_layers": 3, "disc_lr": None,
-}
-
-
-@dataclass
-class Split:
-    train: Any  # torch Dataset of {"image", "subject", ["label"]}
-    val: Any
-    pre: D.Preprocess
-    stats: dict
-    classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
-    covariates: dict | None = None  # {"columns", "mean", "std", "missing"} (data.covariates)
-    covariate_values: dict | None = None  # subject -> z-scores, one per column
-
-
-def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None) -> Split:
-    """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets."""
-    pre = D.Preprocess.from_dict(cfg["data"])
-    levels = len(cfg.get("model", {}).get("channels") or ())
-    if levels:  # pad to the model's downsampling factor even when a --set changed the levels
-        pre.divisible_by = math.lcm(int(pre.divisible_by), 2 ** levels)
-    pre.validate()
-    tcfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
-    rows = D.load_manifest(data_dir)
-    rows = D.pool_rows(rows, pre.modalities) if pre.pool_modalities else D.select_rows(rows, pre.modalities)
-    classes = None
-    column = cfg["data"].get("condition_on")
-    if column:
-        if column == "modality" and not pre.pool_modalities and len(pre.modalities) > 1:
-            raise MrivqError("data.condition_on=modality needs data.pool_modalities=true (each modality its "
-                             "own image); add --set data.pool_modalities=true")
-        rows, names = D.condition_items(rows, str(column), order=pre.modalities if column == "modality" else None)
-        classes = {"column": str(column), "names": names}
-    if cfg["data"].get("max_subjects"):
-        keep = sorted({r["subject"] for r in rows})[: int(cfg["data"]["max_subjects"])]
-        rows = [r for r in rows if r["subject"] in set(keep)]
-    tr_rows, va_rows = D.split_subjects(rows, tcfg["val_fraction"], tcfg["seed"])
-    if cfg["data"].get("max_val_subjects"):
-        keep = sorted({r["subject"] for r in va_rows})[: int(cfg["data"]["max_val_subjects"])]
-        va_rows = [r for r in va_rows if r["subject"] in set(keep)]
-    if not tr_rows or not va_rows:
-        raise MrivqError(f"{data_dir} has too few subjects to split into train and validation "
-                         f"({len({r['subject'] for r in rows})}); fetch more (e.g. --count 8 for the phantom)")
-    covariates, cov_values = _covariates(cfg["data"].get("covariates"), rows, tr_rows)
-    cache = tcfg["cache"]
-    cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
-    train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
-    val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
-    stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
-    if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
-        by_mod: dict[str, list] = {}
-        for r in tr_rows:
-            by_mod.setdefault(r["modality"], []).append(r)
-        stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
-    return Split(train, val, pre, stats, classes, covariates, cov_values)
-
-
-def _covariates(columns: Any, rows: list[dict], tr_rows: list[dict]) -> tuple[dict | None, dict | None]:
-    """``data.covariates`` -> (standardisation fitted on the training subjects, subject -> z-scores)."""
-    if not columns:
-        return None, None
-    columns = [columns] if isinstance(columns, str) else list(columns)
-    raw = D.subject_covariates(rows, columns)
-    train_subjects = {r["subject"] for r in tr_rows}
-    spec = D.fit_covariates({s: v for s, v in raw.items() if s in train_subjects}, columns)
-    return spec, {s: D.standardise(spec, v) for s, v in raw.items()}
-
-
-def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
-    items = [ds[i] for i in idx]
-    out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items]).to(device)}
-    if "label" in items[0]:
-        out["label"] = torch.tensor([int(it["label"]) for it in items], device=device)
-    out["subject"] = [str(it.get("subject", "")) for it in items]
-    return out
-
-
-def iterate(ds: Any, batch_size: int, device: torch.device):
-    for s in range(0, len(ds), batch_size):
-        yield collate(ds, list(range(s, min(len(ds), s + batch_size))), device)
-
-
-def build_vqvae(cfg: dict, in_channels: int) -> torch.nn.Module:
-    from mrivq.models.vqvae import VQVAE
-
-    mcfg = dict(cfg.get("model", {}))
-    mcfg.setdefault("spatial_dims", cfg["data"]["dims"])
-    mcfg.setdefault("in_channels", in_channels)
-    try:
-        return VQVAE(**mcfg)
-    except TypeError as e:
-        raise MrivqError(f"model config has a bad key ({e}); check the preset's model section") from None
+__all__ = ["TRAIN_DEFAULTS", "Split", "build_vqvae", "collate", "iterate", "load_split", "reconstruction_metrics",
+           "train_run", "train_vqvae"]
 
 
 class _ReconMetrics:
@@ -202,7 +108,7 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     latent = tuple(int(s) for s in model.latent_shape(spatial))
     n = len(split.train)
     bs = int(tcfg["batch_size"])
-    total = _total_steps(tcfg, n, bs)
+    total = total_steps(tcfg, n, bs)
     update_run_info(run_dir, preprocess=split.pre.to_dict(), latent_shape=list(latent),
                     image_shape=list(spatial), in_channels=in_ch, intensity=split.stats,
                     model_config={**read_run_info(run_dir).get("model_config", {}), "vqvae": model.config},
@@ -255,76 +161,6 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     return val
 
 
-class Adversary:
-    """A patch discriminator that sharpens the decoder (Isola et al. 2017; Esser et al. 2021, VQGAN).
-
-    MONAI's ``PatchDiscriminator`` scores overlapping patches of a volume as real or decoded with the
-    least-squares GAN loss (Mao et al. 2017, MONAI's ``PatchAdversarialLoss``). :meth:`step` first updates
-    the discriminator on ``x`` (real) and the detached reconstruction (fake), in float32 outside autocast,
-    then returns the generator's loss for the reconstruction, which the training loop adds to the VQ-VAE's
-    loss scaled by ``train.adversarial_weight``. ``train.adversarial_start`` delays it until the
-    autoencoder reconstructs something, as VQGAN does. Its state is saved in ``vqvae_last.pt`` so that
-    ``--resume`` continues it exactly.
-    """
-
-    def __init__(self, disc: torch.nn.Module, lr: float, weight: float, start: int, grad_clip: float) -> None:
-        from monai.losses import PatchAdversarialLoss
-
-        self.disc, self.weight, self.start, self.grad_clip = disc, weight, start, grad_clip
-        self.opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
-        self.loss = PatchAdversarialLoss(criterion="least_squares")
-        self.last_d_loss = float("nan")
-
-    @classmethod
-    def from_config(cls, tcfg: dict, dims: int, in_channels: int, device: torch.device) -> Adversary:
-        from monai.networks.nets import PatchDiscriminator
-
-        disc = PatchDiscriminator(spatial_dims=dims, channels=int(tcfg["disc_channels"]), in_channels=in_channels,
-                                  num_layers_d=int(tcfg["disc_layers"]), norm="INSTANCE").to(device)
-        return cls(disc, float(tcfg["disc_lr"] or tcfg["lr"]), float(tcfg["adversarial_weight"]),
-                   int(tcfg["adversarial_start"]), float(tcfg["grad_clip"]))
-
-    def step(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            self.disc.train()
-            d_loss = 0.5 * (self.loss(self.disc(x_hat.detach().float())[-1], target_is_real=False,
-                                      for_discriminator=True)
-                            + self.loss(self.disc(x.float())[-1], target_is_real=True, for_discriminator=True))
-            self.opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.grad_clip)
-            self.opt.step()
-            self.last_d_loss = float(d_loss.detach())
-            for p in self.disc.parameters():  # the generator's loss trains the VQ-VAE only
-                p.requires_grad_(False)
-            g_loss = self.loss(self.disc(x_hat.float())[-1], target_is_real=True, for_discriminator=False)
-            for p in self.disc.parameters():
-                p.requires_grad_(True)
-        return g_loss
-
-    def state_dict(self) -> dict:
-        return {"discriminator": self.disc.state_dict(), "discriminator_optimizer": self.opt.state_dict()}
-
-    def resume(self, path: Path, device: torch.device) -> None:
-        from mrivq.runs import load_checkpoint
-
-        if not path.is_file():
-            return
-        ck = load_checkpoint(path, map_location=device)
-        if "discriminator" in ck:  # a run that turned the discriminator on later starts it fresh
-            self.disc.load_state_dict(ck["discriminator"])
-            self.opt.load_state_dict(ck["discriminator_optimizer"])
-
-
-def _total_steps(tcfg: dict, n: int, bs: int) -> int:
-    if tcfg.get("max_steps"):
-        return int(tcfg["max_steps"])
-    if tcfg.get("epochs"):
-        return int(tcfg["epochs"]) * max(1, n // min(bs, n))
-    raise MrivqError("the config sets neither train.max_steps nor train.epochs; pass --max-steps or --epochs")
-
-
 def train_run(
     cfg: dict | None,
     *,
@@ -338,11 +174,14 @@ def train_run(
     prior_max_steps: int | None = None,
     progress: Progress | None = None,
     meta: dict | None = None,
+    request: TrainRequest | None = None,
 ) -> dict:
     """Create or resume a run and train the requested stage(s). Returns a summary dict.
 
-    ``cfg`` is the resolved config for a new run; with ``resume`` (or ``stage='prior'`` on an
-    existing run) it is read from the run directory instead, so a resumed run is the same run.
+    ``cfg`` is the resolved config for a new run (:func:`mrivq.runconfig.new_run_config`); with
+    ``resume`` (or ``stage='prior'`` on an existing run) it is read from the run directory instead, so a
+    resumed run is the same run, and ``request`` (what the command line gave again) is checked against
+    it: its resumable ``--set`` keys apply, anything else that differs is refused.
     """
     progress = progress or silent()
     dev = resolve_device(device)
@@ -354,7 +193,9 @@ def train_run(
     if (resume or stage == "prior") and not existing:
         raise RunError(f"{run_dir} is not an mrivq run (no run.json); pass a folder made by `mrivq train`")
     if existing:
-        cfg = read_config(run_dir)
+        cfg, changed = continued_config(run_dir, request or TrainRequest())
+        if changed:
+            write_config(run_dir, cfg)
         info = read_run_info(run_dir)
         data_dir = Path(info["data_dir"]) if data_dir is None else data_dir
     else:
@@ -376,19 +217,19 @@ def train_run(
     if threads:
         torch.set_num_threads(int(threads))
     assert data_dir is not None
-    split = load_split(cfg, data_dir, progress=progress)
+    split = load_split(cfg, data_dir, progress=progress, subjects=read_run_info(run_dir).get("split"))
+    if not existing or "split" not in read_run_info(run_dir):  # runs from before the split was recorded
+        update_run_info(run_dir, split=split.subjects)
     summary: dict = {"run": str(run_dir)}
     done = read_run_info(run_dir).get("stages", {})
     if stage in ("all", "vqvae"):
-        if done.get("vqvae", {}).get("done") and _total_steps({**TRAIN_DEFAULTS, **cfg["train"]},
+        if done.get("vqvae", {}).get("done") and total_steps({**TRAIN_DEFAULTS, **cfg["train"]},
                                                               len(split.train), cfg["train"].get(
                                                                   "batch_size", 2)) <= done["vqvae"]["steps"]:
             summary["vqvae"] = done["vqvae"]["val"]
         else:
             summary["vqvae"] = train_vqvae(cfg, run_dir, split, dev, resume=resume, progress=progress)
     if stage in ("all", "prior"):
-        from mrivq.train_prior import train_prior
-
         summary["prior"] = train_prior(cfg, run_dir, split, dev, resume=resume or stage == "prior",
                                        progress=progress)
     return summary

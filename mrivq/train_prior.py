@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mrivq.builders import PRIOR_TRAIN_DEFAULTS, build_prior, build_vqvae, total_steps
 from mrivq.errors import MrivqError, RunError
 from mrivq.loop import LoopConfig, batch_indices, run_loop
 from mrivq.progress import Progress, silent
@@ -25,18 +26,11 @@ from mrivq.runs import (
     save_checkpoint,
     update_run_info,
 )
-
-PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
-    "batch_size": 16, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
-    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
-    "log_every": 10, "amp": "auto", "seed": 0,
-}
+from mrivq.split import iterate
 
 
 def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Progress | None = None) -> dict:
     """Code grids of the train/val sets with the stage-1 best checkpoint (cached by its hash)."""
-    from mrivq.train import build_vqvae, iterate
-
     progress = progress or silent()
     ck_path = checkpoint_path(run_dir, "vqvae", "best")
     if not ck_path.is_file():
@@ -91,23 +85,6 @@ def set_aside_stale_prior(run_dir: Path, vqvae_sha256: str, progress: Progress |
     (progress or silent()).note(f"the VQ-VAE changed since the prior was trained: its checkpoints moved to "
                                 f"{dest}; training the prior again on the new codes")
     return True
-
-
-def build_prior(cfg: dict, dims: int, num_embeddings: int, latent_shape: tuple[int, ...] | None = None
-                ) -> torch.nn.Module:
-    """The prior of ``cfg["prior"]["model"]``; ``latent_shape`` (the code grid) is filled in for
-    position embeddings, which are tied to one grid."""
-    from mrivq.models.pixelcnn import GatedPixelCNN
-
-    mcfg = dict(cfg.get("prior", {}).get("model", {}))
-    mcfg.setdefault("spatial_dims", dims)
-    mcfg["num_embeddings"] = num_embeddings
-    if mcfg.get("positions") not in (None, "none") and latent_shape is not None:
-        mcfg["latent_shape"] = list(latent_shape)
-    try:
-        return GatedPixelCNN(**mcfg)
-    except TypeError as e:
-        raise MrivqError(f"prior model config has a bad key ({e}); check the preset's prior.model section") from None
 
 
 def _cond_rows(labels: torch.Tensor | None, covariates: torch.Tensor | None, rows: Any,
@@ -179,12 +156,10 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes,
                     covariates=cov)
     n, bs = len(tr), int(tcfg["batch_size"])
-    from mrivq.train import _total_steps
-
     if resume and set_aside_stale_prior(run_dir, codes["vqvae_sha256"], progress):
         resume = False
 
-    total = _total_steps(tcfg, n, bs)
+    total = total_steps(tcfg, n, bs)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
         ids = batch_indices(step, n, bs, tcfg["seed"])

@@ -339,6 +339,87 @@ def test_synth_refuses_a_prior_of_another_vqvae(trained_run: Path, tmp_path: Pat
     assert not (tmp_path / "s").exists()
 
 
+def test_run_json_records_the_modalities_used(trained_run: Path) -> None:
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["modalities"] == ["t1"] and info["dims"] == 3 and info["dataset"] == "phantom"
+    assert sorted(info["split"]) == ["train", "val"] and len(info["split"]["train"]) == info["n_train"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "model.channels=[4,8]"], "--set model.channels cannot change on an existing run"),
+    (["--set", "train.lr=0.5"], "--set train.lr cannot change on an existing run"),
+    (["--preset", "vqvae3d-t1"], "--preset vqvae3d-t1 differs from the run's vqvae3d-cpu"),
+    (["--modality", "t2"], "--modality t2 differs from the run's t1"),
+    (["--dims", "2"], "--dims 2 differs from the run's 3"),
+    (["--dataset", "ixi"], "--dataset ixi differs from the run's phantom"),
+], ids=["model", "lr", "preset", "modality", "dims", "dataset"])
+def test_existing_run_refuses_what_it_cannot_change(trained_run: Path, tmp_path: Path, args: list[str],
+                                                    message: str) -> None:
+    """--set, --preset, --modality, --dims and --dataset used to be ignored silently on an existing run."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for how in (["--resume", "--out", str(run)], ["--stage", "prior", "--run", str(run)]):
+        res = invoke("train", *how, "--device", "cpu", *args)
+        assert res.exit_code == 2 and message in res.output, res.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_existing_run_takes_schedule_overrides_and_the_same_command_again(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    res = invoke("train", "--stage", "prior", "--run", str(run), "--device", "cpu", "--preset", "vqvae3d-cpu",
+                 "--set", "prior.train.max_steps=9", "--set", "prior.train.log_every=1", *TINY)
+    assert res.exit_code == 0, res.output
+    assert torch.load(run / "checkpoints" / "prior_last.pt", weights_only=True)["step"] == 9
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["prior"]["train"]["max_steps"] == 9 and cfg["prior"]["train"]["log_every"] == 1
+
+
+def test_split_stays_when_more_subjects_are_fetched(phantom_root: Path, tmp_path: Path) -> None:
+    """The validation subjects of a run are fixed at creation, not recomputed from a grown manifest."""
+    import csv
+    import shutil
+
+    from mrivq import data as D
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    run = tmp_path / "run"
+    base = ["train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--device", "cpu",
+            "--stage", "vqvae", "--out", str(run), *TINY]
+    assert invoke(*base, "--max-steps", "2").exit_code == 0
+    split = json.loads((run / "run.json").read_text())["split"]
+    manifest = root / "phantom" / "manifest.csv"
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    grown = rows + [{**r, "subject": r["subject"] + f"-copy{k}"} for k in range(3) for r in rows]
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(grown)
+    t1 = D.select_rows(D.load_manifest(root / "phantom"), ["t1"])
+    _, va = D.split_subjects(t1, 0.15, 0)
+    assert sorted({r["subject"] for r in va}) != sorted(split["val"]), "premise: a fresh split would differ"
+    res = invoke("train", "--resume", "--out", str(run), "--max-steps", "4", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["split"] == split and info["n_train"] == len(split["train"])
+    lost = [r for r in grown if r["subject"] != split["val"][0]]
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(lost)
+    res = invoke("train", "--resume", "--out", str(run), "--max-steps", "6", "--device", "cpu")
+    assert res.exit_code == 2 and f"no longer lists 1 of the run's val subjects (e.g. {split['val'][0]})" in res.output
+
+
 def test_synth_defaults_to_latest_run(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 

@@ -112,7 +112,7 @@ def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: A
     key = str(data_dir.resolve())
     sp = splits.get(key) if splits is not None else None
     if sp is None:
-        sp = load_split(run.config, data_dir, progress=progress)
+        sp = load_split(run.config, data_dir, progress=progress, subjects=run.info.get("split"))
         if splits is not None:
             splits[key] = sp
     parts = {"train": [sp.train], "val": [sp.val], "all": [sp.train, sp.val]}[split]

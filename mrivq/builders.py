@@ -1,0 +1,65 @@
+"""What both training stages build from a config: their defaults, models and step counts.
+
+Stage 1 (:mod:`mrivq.train`) and stage 2 (:mod:`mrivq.train_prior`), and the code that loads a run,
+import these from here, so neither stage module imports the other's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mrivq.errors import MrivqError
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "batch_size": 2, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
+    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
+    "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
+    "cache": "memory", "recon_loss": "mse", "threads": None,
+    "adversarial_weight": 0.0, "adversarial_start": 0, "disc_channels": 32, "disc_layers": 3, "disc_lr": None,
+}
+
+PRIOR_TRAIN_DEFAULTS: dict[str, Any] = {
+    "batch_size": 16, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
+    "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
+    "log_every": 10, "amp": "auto", "seed": 0,
+}
+
+
+def build_vqvae(cfg: dict, in_channels: int) -> torch.nn.Module:
+    from mrivq.models.vqvae import VQVAE
+
+    mcfg = dict(cfg.get("model", {}))
+    mcfg.setdefault("spatial_dims", cfg["data"]["dims"])
+    mcfg.setdefault("in_channels", in_channels)
+    try:
+        return VQVAE(**mcfg)
+    except TypeError as e:
+        raise MrivqError(f"model config has a bad key ({e}); check the preset's model section") from None
+
+
+def build_prior(cfg: dict, dims: int, num_embeddings: int, latent_shape: tuple[int, ...] | None = None
+                ) -> torch.nn.Module:
+    """The prior of ``cfg["prior"]["model"]``; ``latent_shape`` (the code grid) is filled in for
+    position embeddings, which are tied to one grid."""
+    from mrivq.models.pixelcnn import GatedPixelCNN
+
+    mcfg = dict(cfg.get("prior", {}).get("model", {}))
+    mcfg.setdefault("spatial_dims", dims)
+    mcfg["num_embeddings"] = num_embeddings
+    if mcfg.get("positions") not in (None, "none") and latent_shape is not None:
+        mcfg["latent_shape"] = list(latent_shape)
+    try:
+        return GatedPixelCNN(**mcfg)
+    except TypeError as e:
+        raise MrivqError(f"prior model config has a bad key ({e}); check the preset's prior.model section") from None
+
+
+def total_steps(tcfg: dict, n: int, bs: int) -> int:
+    """Optimizer steps of a stage: ``max_steps``, else ``epochs`` passes over ``n`` items."""
+    if tcfg.get("max_steps"):
+        return int(tcfg["max_steps"])
+    if tcfg.get("epochs"):
+        return int(tcfg["epochs"]) * max(1, n // min(bs, n))
+    raise MrivqError("the config sets neither train.max_steps nor train.epochs; pass --max-steps or --epochs")

@@ -1,0 +1,121 @@
+"""The training data of a run: manifest rows -> the run's subject split -> cached MONAI datasets, and
+step batches of them.
+
+A run records its split (``run.json`` ``split``: the training and validation subjects) when it is
+created; later calls pass it back, so that fetching more subjects never moves a subject from training
+to validation in an existing run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrivq import data as D
+from mrivq.builders import TRAIN_DEFAULTS
+from mrivq.errors import MrivqError
+from mrivq.progress import Progress
+
+
+@dataclass
+class Split:
+    train: Any  # torch Dataset of {"image", "subject", ["label"]}
+    val: Any
+    pre: D.Preprocess
+    stats: dict
+    classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
+    covariates: dict | None = None  # {"columns", "mean", "std", "missing"} (data.covariates)
+    covariate_values: dict | None = None  # subject -> z-scores, one per column
+    subjects: dict | None = None  # {"train": [...], "val": [...]} in item order: what run.json records
+
+
+def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
+               subjects: dict | None = None) -> Split:
+    """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets.
+
+    ``subjects`` (a run's recorded split, :attr:`Split.subjects`) fixes which subjects are training and
+    validation, in that order: subjects fetched later stay out, and a recorded subject that the
+    manifest lost is an error, not a silently smaller set."""
+    pre = D.Preprocess.from_dict(cfg["data"])
+    levels = len(cfg.get("model", {}).get("channels") or ())
+    if levels:  # pad to the model's downsampling factor even when a --set changed the levels
+        pre.divisible_by = math.lcm(int(pre.divisible_by), 2 ** levels)
+    pre.validate()
+    tcfg = {**TRAIN_DEFAULTS, **cfg.get("train", {})}
+    rows = D.load_manifest(data_dir)
+    rows = D.pool_rows(rows, pre.modalities) if pre.pool_modalities else D.select_rows(rows, pre.modalities)
+    classes = None
+    column = cfg["data"].get("condition_on")
+    if column:
+        if column == "modality" and not pre.pool_modalities and len(pre.modalities) > 1:
+            raise MrivqError("data.condition_on=modality needs data.pool_modalities=true (each modality its "
+                             "own image); add --set data.pool_modalities=true")
+        rows, names = D.condition_items(rows, str(column), order=pre.modalities if column == "modality" else None)
+        classes = {"column": str(column), "names": names}
+    if cfg["data"].get("max_subjects"):
+        keep = sorted({r["subject"] for r in rows})[: int(cfg["data"]["max_subjects"])]
+        rows = [r for r in rows if r["subject"] in set(keep)]
+    if subjects:
+        tr_rows, va_rows = (_recorded(rows, subjects[k], k, data_dir) for k in ("train", "val"))
+    else:
+        tr_rows, va_rows = D.split_subjects(rows, tcfg["val_fraction"], tcfg["seed"])
+        if cfg["data"].get("max_val_subjects"):
+            keep = sorted({r["subject"] for r in va_rows})[: int(cfg["data"]["max_val_subjects"])]
+            va_rows = [r for r in va_rows if r["subject"] in set(keep)]
+    if not tr_rows or not va_rows:
+        raise MrivqError(f"{data_dir} has too few subjects to split into train and validation "
+                         f"({len({r['subject'] for r in rows})}); fetch more (e.g. --count 8 for the phantom)")
+    covariates, cov_values = _covariates(cfg["data"].get("covariates"), rows, tr_rows)
+    cache = tcfg["cache"]
+    cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
+    train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
+    val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
+    stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
+    if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
+        by_mod: dict[str, list] = {}
+        for r in tr_rows:
+            by_mod.setdefault(r["modality"], []).append(r)
+        stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
+    recorded = {k: list(dict.fromkeys(r["subject"] for r in rs)) for k, rs in (("train", tr_rows), ("val", va_rows))}
+    return Split(train, val, pre, stats, classes, covariates, cov_values, recorded)
+
+
+def _recorded(rows: list[dict], names: list[str], which: str, data_dir: Path) -> list[dict]:
+    """The rows of the recorded subjects ``names``, in their recorded order."""
+    by_subject: dict[str, list[dict]] = {}
+    for r in rows:
+        by_subject.setdefault(r["subject"], []).append(r)
+    missing = [s for s in names if s not in by_subject]
+    if missing:
+        raise MrivqError(f"{data_dir}/manifest.csv no longer lists {len(missing)} of the run's {which} subjects "
+                         f"(e.g. {missing[0]}); restore the dataset, or train a new run")
+    return [r for s in names for r in by_subject[s]]
+
+
+def _covariates(columns: Any, rows: list[dict], tr_rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """``data.covariates`` -> (standardisation fitted on the training subjects, subject -> z-scores)."""
+    if not columns:
+        return None, None
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    raw = D.subject_covariates(rows, columns)
+    train_subjects = {r["subject"] for r in tr_rows}
+    spec = D.fit_covariates({s: v for s, v in raw.items() if s in train_subjects}, columns)
+    return spec, {s: D.standardise(spec, v) for s, v in raw.items()}
+
+
+def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
+    items = [ds[i] for i in idx]
+    out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items]).to(device)}
+    if "label" in items[0]:
+        out["label"] = torch.tensor([int(it["label"]) for it in items], device=device)
+    out["subject"] = [str(it.get("subject", "")) for it in items]
+    return out
+
+
+def iterate(ds: Any, batch_size: int, device: torch.device):
+    for s in range(0, len(ds), batch_size):
+        yield collate(ds, list(range(s, min(len(ds), s + batch_size))), device)
