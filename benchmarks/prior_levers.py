@@ -61,7 +61,7 @@ def step_cost(run: Path, steps: int, batch: int = 8) -> float:
     from mrivq.runs import codes_path, load_run
 
     prior = load_run(run, need_prior=True).prior.train()
-    codes = torch.load(codes_path(run), weights_only=True)["train"][:batch]
+    codes = torch.load(codes_path(run), weights_only=True)["train"][:batch].long()
     opt = torch.optim.Adam(prior.parameters(), lr=1e-4)
     times = []
     for _ in range(steps + 2):

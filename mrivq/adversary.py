@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from mrivq.distributed import average_gradients
+
 
 class Adversary:
     """A patch discriminator that sharpens the decoder (Isola et al. 2017; Esser et al. 2021, VQGAN).
@@ -44,6 +46,7 @@ class Adversary:
                             + self.loss(self.disc(x.float())[-1], target_is_real=True, for_discriminator=True))
             self.opt.zero_grad(set_to_none=True)
             d_loss.backward()
+            average_gradients(self.disc.parameters())  # under torchrun, as DDP does for the VQ-VAE
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.grad_clip)
             self.opt.step()

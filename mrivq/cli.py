@@ -155,30 +155,53 @@ def train(
     prior_max_steps: int | None = typer.Option(None, "--prior-max-steps", help="Stage-2 optimizer steps."),
     root: Path | None = RootOpt,
 ) -> None:
-    """Train the VQ-VAE (stage 1) and the PixelCNN prior (stage 2) into a run folder."""
+    """Train the VQ-VAE (stage 1) and the PixelCNN prior (stage 2) into a run folder.
+
+    Under `torchrun --nproc_per_node=N -m mrivq train ...` each of N processes (GPUs) takes an equal
+    share of every batch: train.batch_size is the global batch, so a run learns the same with any N.
+    """
+    from mrivq import distributed as ddp
+    from mrivq import runconfig as RC
+
+    req = RC.TrainRequest(dataset, list(modality) if modality else None, dims, preset, config, set_ or None)
+    device = ddp.init_from_env(device)  # torchrun: join the process group, take this rank's GPU
+    try:
+        _train(req, stage, run, out_dir, resume, device, max_steps, epochs, prior_max_steps, root)
+    finally:
+        ddp.shutdown()
+
+
+def _train(req, stage: str, run: Path | None, out_dir: Path | None, resume: bool, device: str,
+           max_steps: int | None, epochs: int | None, prior_max_steps: int | None, root: Path | None) -> None:
+    from mrivq import distributed as ddp
     from mrivq import runconfig as RC
     from mrivq.loop import Interrupted, resolve_device
     from mrivq.runs import is_run, resolve_run
     from mrivq.train import train_run
 
-    req = RC.TrainRequest(dataset, list(modality) if modality else None, dims, preset, config, set_ or None)
+    main = ddp.is_main()
     run_dir = run or out_dir
     cfg, data_dir, meta = None, None, None
     if resume or stage == "prior":  # continue a run: the folder must be one (or the latest under runs/)
         run_dir = resolve_run(run_dir)
-    if run_dir is None or not is_run(Path(run_dir)):
+    # rank 0 decides (the others could otherwise see the run folder rank 0 has just begun)
+    if not ddp.broadcast(run_dir is not None and is_run(Path(run_dir))):
         cfg, data_dir = RC.new_run_config(req, resolve_root(root), resolve_device(device).type)
-        run_dir = run_dir or RC.new_run_folder(cfg, dataset)
-        meta = RC.run_meta(cfg, dataset)
-        err.print(f"preset {cfg['preset']}; run folder {run_dir}")
+        run_dir = ddp.broadcast(run_dir or RC.new_run_folder(cfg, req.dataset))  # one folder for all ranks
+        meta = RC.run_meta(cfg, req.dataset)
+        if main:
+            err.print(f"preset {cfg['preset']}; run folder {run_dir}")
     try:
-        with Progress() as prog:
+        with Progress(enabled=main) as prog:
             summary = train_run(cfg, data_dir=data_dir, run_dir=Path(run_dir), stage=stage, resume=resume,
                                 device=device, max_steps=max_steps, epochs=epochs,
                                 prior_max_steps=prior_max_steps, progress=prog, meta=meta, request=req)
     except Interrupted as e:
-        err.print(f"{e}; checkpoint written. Continue with: mrivq train --resume --out {run_dir}")
+        if main:
+            err.print(f"{e}; checkpoint written. Continue with: mrivq train --resume --out {run_dir}")
         raise typer.Exit(code=130) from None
+    if not main:
+        return
     for st in ("vqvae", "prior"):
         if st in summary:
             vals = "  ".join(f"{k} {v:.4g}" for k, v in summary[st].items() if isinstance(v, (int, float)))
@@ -389,11 +412,20 @@ def presets() -> None:
 
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
+    from mrivq import distributed as ddp
+
     debug = "--debug" in sys.argv
+    who = ddp.label()  # "rank 1: " under torchrun: which process said it
     try:
         app()
     except MrivqError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except Exception as e:
+        if debug or not ddp.peer_failed(e):
+            raise
+        err.print(f"[red]error:[/] {escape(who)}stopped because another process of this torchrun job failed "
+                  f"(its own message is above or in torchrun's summary)", highlight=False, soft_wrap=True)
+        sys.exit(2)

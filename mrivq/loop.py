@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrivq import distributed as ddp
 from mrivq.errors import MrivqError
 from mrivq.progress import Progress, silent
 from mrivq.runs import load_checkpoint, save_checkpoint
@@ -190,6 +191,19 @@ class MetricsLog:
             self.tb.close()
 
 
+class _NoLog:
+    """The metrics log of a rank other than 0: writes nothing."""
+
+    def forget_after(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _later(line: str, stage: str, step: int) -> bool:
     try:
         rec = json.loads(line)
@@ -216,7 +230,8 @@ def run_loop(
     ``val_fn()`` returns validation metrics (model put in eval mode here). Returns the last
     validation metrics. Raises :class:`Interrupted` after checkpointing on SIGINT/SIGTERM.
     """
-    progress = progress or silent()
+    main = ddp.is_main()  # under torchrun only rank 0 writes
+    progress = (progress or silent()) if main else silent()
     ck_dir = Path(lc.run_dir) / "checkpoints"
     last_path, best_path = ck_dir / f"{lc.stage}_last.pt", ck_dir / f"{lc.stage}_best.pt"
     opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
@@ -237,6 +252,8 @@ def run_loop(
         set_rng_state(ck["rng"])
 
     def checkpoint(path: Path) -> None:
+        if not main:
+            return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
                  "best": best, "last_val": last_val, "rng": rng_state(), "stage": lc.stage}
@@ -255,10 +272,10 @@ def run_loop(
         if v is not None and (best is None or (v > best if lc.higher_is_better else v < best)):
             best = v
             checkpoint(best_path)
-            if on_best:
+            if on_best and main:
                 on_best(step, last_val)
 
-    log = MetricsLog(lc.run_dir, lc.stage)
+    log = MetricsLog(lc.run_dir, lc.stage) if main else _NoLog()
     log.forget_after(step if resume else 0)
     model.train()
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -269,7 +286,7 @@ def run_loop(
                 t0 = time.perf_counter()
                 with autocast():
                     loss, logs = step_fn(step)
-                if not torch.isfinite(loss):
+                if ddp.any_rank(not bool(torch.isfinite(loss.detach()))):
                     checkpoint(ck_dir / f"{lc.stage}_nonfinite.pt")
                     raise MrivqError(f"{lc.stage} loss became {loss.item()} at step {step}; lower train.lr "
                                      f"or use --set train.amp=off (state saved for inspection)")
@@ -292,13 +309,14 @@ def run_loop(
                                                                    "items_per_s")})
                 if step % lc.log_every == 0 or step == 1:
                     log.write(step, logs)
+                # every rank validates (MONAI's metrics gather over ranks); rank 0 alone writes
                 if step % lc.val_every == 0 or step == lc.total_steps:
                     validate()
                 if step % lc.ckpt_every == 0 or step == lc.total_steps:
                     checkpoint(last_path)
-                if sig["sig"] is not None:
+                if ddp.any_rank(sig["sig"] is not None):  # every rank stops at the same step
                     checkpoint(last_path)
-                    raise Interrupted(lc.stage, step, sig["sig"])
+                    raise Interrupted(lc.stage, step, sig["sig"] or signal.SIGTERM)
     finally:
         log.close()
     if not last_val:

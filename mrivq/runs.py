@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import yaml
 
+from mrivq import distributed as ddp
 from mrivq.atomic import atomic_write_bytes, atomic_write_text
 from mrivq.errors import RunError
 
@@ -112,9 +113,12 @@ def read_run_info(path: Path) -> dict:
 
 
 def update_run_info(path: Path, **fields: Any) -> dict:
+    """Merge ``fields`` into run.json (under torchrun only rank 0 writes; the others wait at a barrier
+    where they need it)."""
     info = read_run_info(path) if is_run(path) else {}
     info.update(fields)
-    write_json(Path(path) / RUN_MARKER, info)
+    if ddp.is_main():
+        write_json(Path(path) / RUN_MARKER, info)
     return info
 
 
@@ -126,6 +130,8 @@ def read_config(path: Path) -> dict:
 
 
 def write_config(path: Path, cfg: dict) -> None:
+    if not ddp.is_main():  # under torchrun rank 0 writes the run folder
+        return
     atomic_write_text(Path(path) / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
 

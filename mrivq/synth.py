@@ -44,7 +44,7 @@ def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
     if codes.get("vqvae_sha256") != r.checkpoints["vqvae"]:
         raise MrivqError(f"{cache} was encoded by another VQ-VAE checkpoint; rerun `mrivq train --stage prior "
                          f"--run {r.path}` to refresh it")
-    return marginal_logits(codes["train"], k)
+    return marginal_logits(codes["train"].long(), k)
 
 
 def _outputs(out_dir: Path, count: int, dims: int) -> list[Path]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mrivq import distributed as ddp
 from mrivq.adversary import Adversary
 from mrivq.builders import TRAIN_DEFAULTS, build_vqvae, total_steps
 from mrivq.errors import MrivqError, RunError
@@ -104,6 +105,7 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     first = split.train[0]["image"]
     in_ch = int(first.shape[0])
     model = build_vqvae(cfg, in_ch).to(device)
+    net = ddp.wrap(_WithInfo(model), device)  # DDP under torchrun: gradients averaged over ranks
     spatial = tuple(int(s) for s in first.shape[1:])
     latent = tuple(int(s) for s in model.latent_shape(spatial))
     n = len(split.train)
@@ -123,19 +125,19 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
         adv.resume(run_dir / "checkpoints" / "vqvae_last.pt", device)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
-        b = collate(split.train, batch_indices(step, n, bs, tcfg["seed"]), device)
+        b = collate(split.train, ddp.shard(batch_indices(step, n, bs, tcfg["seed"])), device)
         x = b["image"]
-        info = model.forward_with_info(x)
+        info = net(x)
         rec = recon(info["x_hat"].float(), x)
         loss = rec + info["vq_loss"].float()
         logs = {"recon": float(rec.detach()), "vq": float(info["vq_loss"].detach()),
                 "perplexity": float(info["perplexity"]), "code_usage": float(info["usage"]),
-                "voxels": float(x.numel())}
+                "voxels": float(x.numel() * ddp.world())}
         if adv is not None and step >= adv.start:
             g_loss = adv.step(x, info["x_hat"].float())
             loss = loss + adv.weight * g_loss
             logs.update(adv_g=float(g_loss.detach()), adv_d=adv.last_d_loss)
-        if step % preview_every == 0:
+        if step % preview_every == 0 and ddp.is_main():
             with torch.no_grad():
                 write_preview(run_dir / "previews" / f"vqvae_step{step:06d}.png", x[0], info["x_hat"][0].float())
         return loss, logs
@@ -144,7 +146,8 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
         m = reconstruction_metrics(model, split.val, dims, bs, device)
         x = split.val[0]["image"][None].float().to(device)
         x_hat = model.decode_indices(model.encode_indices(x)).float().clamp(0, 1)
-        write_preview(run_dir / "previews" / "vqvae_val_latest.png", x[0], x_hat[0])
+        if ddp.is_main():
+            write_preview(run_dir / "previews" / "vqvae_val_latest.png", x[0], x_hat[0])
         return m
 
     lc = LoopConfig(stage="vqvae", run_dir=run_dir, total_steps=total, lr=float(tcfg["lr"]),
@@ -158,7 +161,19 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
                    extra_state=adv.state_dict if adv is not None else None)
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
                                      "vqvae": {"done": True, "steps": total, "val": val}})
+    ddp.barrier()  # the other ranks read what rank 0 wrote (best checkpoint, run.json)
     return val
+
+
+class _WithInfo(torch.nn.Module):
+    """The VQ-VAE whose ``forward`` is ``forward_with_info``, so that DDP sees the training call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return self.model.forward_with_info(x)
 
 
 def train_run(
@@ -187,7 +202,7 @@ def train_run(
     dev = resolve_device(device)
     if stage not in ("all", "vqvae", "prior"):
         raise MrivqError(f"--stage {stage!r} is not one of all, vqvae, prior")
-    existing = is_run(run_dir)
+    existing = ddp.broadcast(is_run(run_dir))  # rank 0's view: it is the one that creates the folder
     if existing and not resume and stage != "prior":
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if (resume or stage == "prior") and not existing:
@@ -200,10 +215,12 @@ def train_run(
         data_dir = Path(info["data_dir"]) if data_dir is None else data_dir
     else:
         assert cfg is not None
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if ddp.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, cfg)
         update_run_info(run_dir, created=time.strftime("%Y-%m-%dT%H:%M:%S"), data_dir=str(data_dir),
                         **(meta or {}))
+        ddp.barrier()
     if max_steps is not None:
         cfg.setdefault("train", {})["max_steps"] = max_steps
     if epochs is not None:

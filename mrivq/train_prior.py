@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mrivq import distributed as ddp
 from mrivq.builders import PRIOR_TRAIN_DEFAULTS, build_prior, build_vqvae, total_steps
 from mrivq.errors import MrivqError, RunError
 from mrivq.loop import LoopConfig, batch_indices, run_loop
@@ -30,7 +31,17 @@ from mrivq.split import iterate
 
 
 def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Progress | None = None) -> dict:
-    """Code grids of the train/val sets with the stage-1 best checkpoint (cached by its hash)."""
+    """Code grids of the train/val sets with the stage-1 best checkpoint (cached by its hash). Under
+    torchrun rank 0 encodes and the others read its cache."""
+    if ddp.is_main():
+        codes = _encode_split(run_dir, split, device, progress)
+    ddp.barrier()
+    if not ddp.is_main():
+        codes = torch.load(codes_path(run_dir), map_location="cpu", weights_only=True)
+    return codes
+
+
+def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Progress | None = None) -> dict:
     progress = progress or silent()
     ck_path = checkpoint_path(run_dir, "vqvae", "best")
     if not ck_path.is_file():
@@ -51,7 +62,7 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
         grids, labels, subjects = [], [], []
         with torch.no_grad(), progress.task(f"encode {name}", total=len(ds), unit="item") as bar:
             for b in iterate(ds, 8, device):
-                grids.append(model.encode_indices(b["image"]).cpu())
+                grids.append(compact_codes(model.encode_indices(b["image"]).cpu(), model.num_embeddings))
                 if "label" in b:
                     labels.append(b["label"].cpu())
                 subjects.extend(b["subject"])
@@ -62,6 +73,12 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
             out[f"{name}_labels"] = torch.cat(labels)
     save_checkpoint(cache, out)
     return out
+
+
+def compact_codes(idx: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """Code grids as int16 when the codebook fits (a quarter of int64's memory and disk); users take
+    ``.long()`` of a batch where an index is needed."""
+    return idx.to(torch.int16) if num_embeddings <= torch.iinfo(torch.int16).max else idx
 
 
 def set_aside_stale_prior(run_dir: Path, vqvae_sha256: str, progress: Progress | None = None) -> bool:
@@ -101,7 +118,7 @@ def nats_per_token(prior: Any, codes: torch.Tensor, labels: torch.Tensor | None,
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(codes), batch_size):
-            idx = codes[s:s + batch_size].to(device)
+            idx = codes[s:s + batch_size].to(device).long()
             cond = _cond_rows(labels, covariates, slice(s, s + batch_size), device)
             logits = prior(idx, cond)
             total += float(F.cross_entropy(logits.float(), idx, reduction="sum"))
@@ -156,17 +173,19 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes,
                     covariates=cov)
     n, bs = len(tr), int(tcfg["batch_size"])
-    if resume and set_aside_stale_prior(run_dir, codes["vqvae_sha256"], progress):
+    stale = resume and ddp.is_main() and set_aside_stale_prior(run_dir, codes["vqvae_sha256"], progress)
+    if ddp.broadcast(stale):
         resume = False
+    net = ddp.wrap(prior, device)
 
     total = total_steps(tcfg, n, bs)
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
-        ids = batch_indices(step, n, bs, tcfg["seed"])
-        idx = tr[ids].to(device)
-        logits = prior(idx, _cond_rows(tr_lab, tr_cov, ids, device))
+        ids = ddp.shard(batch_indices(step, n, bs, tcfg["seed"]))
+        idx = tr[ids].to(device).long()
+        logits = net(idx, _cond_rows(tr_lab, tr_cov, ids, device))
         loss = F.cross_entropy(logits.float(), idx)
-        return loss, {"nats": float(loss.detach()), "items": float(len(ids))}
+        return loss, {"nats": float(loss.detach()), "items": float(len(ids) * ddp.world())}
 
     def val_fn() -> dict:
         return {"val_nats_per_token": nats_per_token(prior, va, va_lab, bs, device, va_cov)}
@@ -181,4 +200,5 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
                    extra_state=lambda: {"vqvae_sha256": codes["vqvae_sha256"]})
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
                                      "prior": {"done": True, "steps": total, "val": val}})
+    ddp.barrier()
     return val

@@ -101,7 +101,7 @@ def test_synth_baseline_priors(run: Path, tmp_path: Path) -> None:
     from mrivq.synth import _baseline_logits
 
     lg = _baseline_logits(load_run(run), "marginal")
-    codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"]
+    codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"].long()
     seen = torch.zeros_like(lg, dtype=torch.bool).flatten(0, -2)
     seen[torch.arange(seen.shape[0]).repeat(len(codes)), codes.flatten(1).flatten()] = True
     assert torch.equal(torch.isfinite(lg).flatten(0, -2), seen)

@@ -77,6 +77,8 @@ def test_run_folder_contents(trained_run: Path) -> None:
     assert any("perplexity" in x and "voxels_per_s" in x and "lr" in x for x in vq)
     assert any("val_nats_per_token" in x for x in lines if x["stage"] == "prior")
     assert list((trained_run / "previews").glob("*.png"))
+    codes = torch.load(trained_run / "codes" / "codes.pt", weights_only=True)
+    assert codes["train"].dtype == torch.int16 and codes["val"].dtype == torch.int16  # compact, not int64
     ck = torch.load(trained_run / "checkpoints" / "vqvae_last.pt", weights_only=True)
     assert ck["step"] == 8 and "optimizer" in ck and "rng" in ck
 

@@ -96,3 +96,37 @@ def test_tiny_model_overfits_tiny_batch():
     with torch.no_grad():
         final = float(F.mse_loss(m.decode_indices(m.encode_indices(x)), x))
     assert final < losses[0] / 5, (losses[0], final)
+
+
+def test_decode_takes_any_integer_codes_and_refuses_others():
+    """The code cache holds int16 grids; float or bool "indices" are garbage, not codes."""
+    from mrivq.errors import MrivqError
+
+    m = VQVAE(spatial_dims=3, in_channels=1, channels=(8, 16), num_res_channels=(8, 16), num_embeddings=16,
+              embedding_dim=4).eval()
+    idx = torch.randint(0, 16, (1, 2, 2, 2))
+    with torch.no_grad():
+        ref = m.decode_indices(idx)
+        assert torch.equal(m.decode_indices(idx.to(torch.int16)), ref)
+        for bad in (idx.float(), idx > 3):
+            with pytest.raises(MrivqError, match="code indices must be integers"):
+                m.decode_indices(bad)
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """Same loss and gradients with and without checkpointing (only memory and compute differ)."""
+    kw = dict(spatial_dims=3, in_channels=1, channels=(4, 8), num_res_channels=(4, 8), num_embeddings=16,
+              embedding_dim=4, init="random")
+    torch.manual_seed(0)
+    a = VQVAE(**kw)
+    b = VQVAE(**kw, checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 1, 16, 16, 16)
+    grads = []
+    for m in (a, b):
+        m.train()
+        x_hat, vq = m(x)
+        (F.mse_loss(x_hat, x) + vq).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(*grads))
+    assert VQVAE(**b.config).checkpointing

@@ -118,7 +118,8 @@ class VectorQuantizerEMA(nn.Module):
             ``decay`` throughout.
         usage_window: training steps over which :meth:`stats` measures perplexity and usage.
         use_cosine: l2-normalise inputs and codes (cosine-similarity codebook, Yu et al. 2022).
-        ddp_sync: all-reduce EMA statistics and broadcast inits/restarts from rank 0 under DDP.
+        ddp_sync: under torch.distributed, gather every rank's encoder outputs for the EMA statistics,
+            initialisation and restart pool, and broadcast rank 0's random choices.
     """
 
     def __init__(
@@ -208,15 +209,19 @@ class VectorQuantizerEMA(nn.Module):
         only in training mode."""
         with torch.autocast(z.device.type, enabled=False):
             flat = self._flatten(z)
-            # an fp16 overflow upstream must not reach the codebook: the loop rejects the step's loss,
-            # but the EMA would already hold inf/NaN for good (all ranks agree, so none waits)
-            learn = self.training and self._all_finite(flat)
-            if learn and not bool(self.initialised):
-                self._init_codebook(flat.detach())
+            if self.training:
+                # every rank's encoder outputs in global-batch order (rank 0's items first), so the EMA,
+                # the initialisation and the restart pool are those of one process with the whole batch
+                pooled = self._gather(flat.detach())
+                # an fp16 overflow upstream must not reach the codebook: the loop rejects the step's
+                # loss, but the EMA would already hold inf/NaN for good (every rank sees the same pool)
+                learn = bool(torch.isfinite(pooled).all())
+                if learn and not bool(self.initialised):
+                    self._init_codebook(pooled)
             idx, _ = _nearest(flat.detach(), self.codebook, self.use_cosine)
             z_q = self.codebook[idx]
-            if learn:
-                self._update(flat.detach(), idx)
+            if self.training and learn:
+                self._update(pooled, self._gather(idx))
             loss = self.commitment_cost * F.mse_loss(flat, z_q)  # z_q carries no gradient
             z_st = flat + (z_q - flat).detach()
             shape = (z.shape[0], *z.shape[2:])
@@ -224,11 +229,14 @@ class VectorQuantizerEMA(nn.Module):
         return quantized, loss, idx.view(shape)
 
     # ----------------------------------------------------------------- training-only updates
-    def _all_finite(self, flat: torch.Tensor) -> bool:
-        ok = torch.isfinite(flat).all().to(torch.int32)
-        if _dist_ready(self.ddp_sync):
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok)
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` of every rank concatenated in rank order under torch.distributed (``t`` alone otherwise);
+        the ranks' shares of a batch are equal, contiguous slices (:func:`mrivq.distributed.shard`)."""
+        if not _dist_ready(self.ddp_sync):
+            return t
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
 
     @torch.no_grad()
     def _init_codebook(self, flat: torch.Tensor) -> None:
@@ -251,9 +259,6 @@ class VectorQuantizerEMA(nn.Module):
         k = self.num_embeddings
         counts = torch.bincount(idx, minlength=k).float()
         sums = torch.zeros_like(self.embed_sum).index_add_(0, idx, flat)
-        if _dist_ready(self.ddp_sync):
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         decay = self.current_decay()
         self.cluster_size.mul_(decay).add_(counts, alpha=1 - decay)
         self.embed_sum.mul_(decay).add_(sums, alpha=1 - decay)

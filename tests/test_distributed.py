@@ -1,0 +1,117 @@
+"""``torchrun -m mrivq train`` on CPU with the gloo backend and 2 processes: the same model as one
+process with the same global batch, resume under torchrun, and a failing rank that stops the job."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_train_cli import TINY
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+SMALL = [*TINY, "--set", "prior.train.batch_size=4"]  # global batches that split over 2 ranks
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _fetch(root: Path) -> None:
+    subprocess.run([sys.executable, "-m", "mrivq", "fetch", "phantom", "--root", str(root), "--count", "6",
+                    "--shape", "32", "32", "32", "--spacing", "6"], check=True, capture_output=True, env=ENV)
+
+
+def _train(root: Path, out: Path, nproc: int, *extra: str, script: list[str] | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    entry = script or ["-m", "mrivq"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    if nproc > 1 and entry[0] == "-m":
+        launcher += ["-m", entry[1]]
+    else:
+        launcher += entry
+    cmd = [*launcher, "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu",
+           "--device", "cpu", "--out", str(out), *SMALL, *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=Path(__file__).parents[1])
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _models(run: Path) -> dict:
+    return {st: torch.load(run / "checkpoints" / f"{st}_last.pt", weights_only=True)["model"]
+            for st in ("vqvae", "prior")}
+
+
+def _close(a: dict, b: dict) -> None:
+    for st in a:
+        assert a[st].keys() == b[st].keys()
+        for k in a[st]:
+            assert torch.allclose(a[st][k].double(), b[st][k].double(), atol=1e-5, rtol=1e-4), (st, k)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = tmp_path_factory.mktemp("ddp-data")
+    _fetch(r)
+    return r
+
+
+def test_two_ranks_train_the_model_one_process_trains(root: Path, tmp_path: Path) -> None:
+    """Same global batch, each rank half of it: parameters equal within float tolerance, both stages;
+    rank 0 alone writes (one metrics line per step)."""
+    import json
+
+    _train(root, tmp_path / "one", 1, "--max-steps", "6", "--prior-max-steps", "4")
+    _train(root, tmp_path / "two", 2, "--max-steps", "6", "--prior-max-steps", "4")
+    _close(_models(tmp_path / "one"), _models(tmp_path / "two"))
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [(x["stage"], x["step"]) for x in lines if "loss" in x]
+    assert len(steps) == len(set(steps))
+    # throughput counts the whole global batch
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["step"] for x in lines if "voxels_per_s" in x} == {x["step"] for x in one if "voxels_per_s" in x}
+
+
+def test_two_rank_run_resumes_under_torchrun(root: Path, tmp_path: Path) -> None:
+    _train(root, tmp_path / "one", 1, "--max-steps", "4", "--prior-max-steps", "3")
+    _train(root, tmp_path / "one", 1, "--resume", "--max-steps", "8", "--prior-max-steps", "5")
+    _train(root, tmp_path / "two", 2, "--max-steps", "4", "--prior-max-steps", "3")
+    _train(root, tmp_path / "two", 2, "--resume", "--max-steps", "8", "--prior-max-steps", "5")
+    assert torch.load(tmp_path / "two" / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"] == 8
+    _close(_models(tmp_path / "one"), _models(tmp_path / "two"))
+
+
+def test_batch_that_does_not_split_is_a_clear_error(root: Path, tmp_path: Path) -> None:
+    res = _train(root, tmp_path / "odd", 2, "--max-steps", "2", "--set", "train.batch_size=3", check=False)
+    assert res.returncode != 0
+    assert "global batch of 3 does not split over 2 processes" in res.stderr
+    assert "/mrivq/" not in res.stderr, "a traceback through mrivq (torchrun's own summary is expected)"
+
+
+def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
+    """Rank 1 fails at its third batch; rank 0 must not wait for it for ever, and the job names it."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        "import mrivq.train as T\n"
+        "from mrivq.errors import MrivqError\n"
+        "calls = {'n': 0}\n"
+        "orig = T.collate\n"
+        "def failing(*a, **k):\n"
+        "    calls['n'] += 1\n"
+        "    if os.environ['RANK'] == '1' and calls['n'] == 3:\n"
+        "        raise MrivqError('injected failure')\n"
+        "    return orig(*a, **k)\n"
+        "T.collate = failing\n"
+        "from mrivq.cli import main\n"
+        "sys.argv = ['mrivq', *sys.argv[1:]]\n"
+        "main()\n")
+    res = _train(root, tmp_path / "fail", 2, "--max-steps", "40", script=[str(driver)], check=False)
+    assert res.returncode != 0
+    assert "rank 1: injected failure" in res.stderr
+    ck = tmp_path / "fail" / "checkpoints" / "vqvae_last.pt"
+    assert not ck.exists() or torch.load(ck, weights_only=True)["step"] < 40
