@@ -1,17 +1,17 @@
-"""Peak memory of one stage-1 training step at 1 mm (``vqvae3d-t1-1mm``: 160x192x160, 3 levels), measured
-on the CPU with the preset's architecture at reduced channel widths, with and without activation
-checkpointing, then extrapolated to the preset's widths. Prints JSON.
+"""Memory of one stage-1 training step at 1 mm (``vqvae3d-t1-1mm``: 160x192x160, 3 levels, channels 64-128-256),
+measured on the CPU at the preset's full size and widths, with and without activation checkpointing, fp32 and
+bf16 autocast. Prints JSON; says what batch fits a 24 GB and an 80 GB GPU.
 
-    python benchmarks/memory_1mm.py                       # widths 1/8 and 1/4 of the preset, batch 1
-    python benchmarks/memory_1mm.py --scales 0.125 --batch 2
+    python benchmarks/memory_1mm.py --out benchmarks/results/memory_1mm_cpu.json
+    python benchmarks/memory_1mm.py --scale 0.25          # quicker: a quarter of the widths
 
-Each configuration runs in a fresh process: peak resident memory (``ru_maxrss``) after a forward, backward
-and Adam step, minus the process's resident memory before the step (model, optimizer state and input
-already allocated). Activations dominate and grow linearly with the channel widths, so the step memory at
-the preset's widths is the measured figure times 1/scale (the two scales check that). What fits a GPU is
-that plus the model, its gradients and Adam's two moments (4 x parameters x 4 bytes) and about 1 GB of
-CUDA context; GPU kernels' workspaces and the allocator's fragmentation are not in it, so treat the result
-as a lower bound with a 20% margin.
+What is measured, exactly: the bytes of every tensor autograd saves for the backward pass during one
+forward of one volume (``torch.autograd.graph.saved_tensors_hooks``; the hook keeps only the size, so the
+forward runs at full size without holding the activations). That is the memory a training step holds at its
+peak, between forward and backward. Under checkpointing autograd keeps only each block's input, and the
+backward recomputes one block at a time, so its peak adds the largest block's own saved bytes (measured the
+same way, block by block). Model, gradients and Adam's two moments add 4 x parameters x 4 bytes, CUDA's
+context about 1 GB. Kernel workspaces and allocator fragmentation are not counted: keep a 20% margin.
 """
 
 from __future__ import annotations
@@ -20,80 +20,84 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
+import time
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+GB = 2**30
 
-def one(scale: float, checkpointing: bool, batch: int, amp: bool) -> dict:
-    import time
 
-    import torch
-    import torch.nn.functional as F
+def saved_bytes(fn, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward while running ``fn(x)`` (nothing is kept)."""
+    total = [0]
 
+    def pack(t: torch.Tensor):
+        total[0] += t.numel() * t.element_size()
+        return None
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        fn(x)
+    return total[0]
+
+
+def measure(scale: float, bf16: bool) -> dict:
     from mrivq import config as C
     from mrivq.models.vqvae import VQVAE
 
     cfg = C.load_preset("vqvae3d-t1-1mm")
     m = dict(cfg["model"])
-    full = m["channels"]
-    m["channels"] = [max(1, round(c * scale)) for c in m["channels"]]
-    m["num_res_channels"] = [max(1, round(c * scale)) for c in m["num_res_channels"]]
-    m["checkpointing"] = checkpointing
-    model = VQVAE(spatial_dims=3, in_channels=1, **m)
+    for k in ("channels", "num_res_channels"):
+        m[k] = [max(1, round(c * scale)) for c in m[k]]
+    model = VQVAE(spatial_dims=3, in_channels=1, **{**m, "checkpointing": False}).train()
     params = sum(p.numel() for p in model.parameters())
-    full_params = sum(p.numel() for p in VQVAE(spatial_dims=3, in_channels=1, **{**cfg["model"]}).parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.rand(batch, 1, *cfg["data"]["shape"])
-    model.train()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    x = torch.rand(1, 1, *cfg["data"]["shape"], requires_grad=False)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (
+        lambda: torch.autocast("cpu", enabled=False))
     t0 = time.perf_counter()
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False)
-    with ctx:
-        x_hat, vq = model(x)
-        loss = F.l1_loss(x_hat.float(), x) + vq
-    loss.backward()
-    opt.step()
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"scale": scale, "channels": m["channels"], "preset_channels": full, "checkpointing": checkpointing,
-            "batch": batch, "bf16": amp, "params": params, "preset_params": full_params,
-            "step_memory_mb": round((peak - before) / 1024, 1), "step_seconds": round(seconds, 1)}
+    with ctx():
+        plain = saved_bytes(model, x)
+        # checkpointing keeps each block's input; the backward recomputes the largest block on its own
+        inputs, largest = 0, 0
+        h = x
+        for net in (model.encoder, model.decoder):
+            if net is model.decoder:
+                h = model.quantizer(h)[0].detach()
+            for block in net.blocks:
+                inputs += h.numel() * h.element_size()
+                largest = max(largest, saved_bytes(block, h))
+                with torch.no_grad():
+                    h = block(h)
+        quant = saved_bytes(lambda z: model.quantizer(model.encoder(z)), x) - saved_bytes(model.encoder, x)
+    return {"scale": scale, "channels": m["channels"], "bf16": bf16, "params": params,
+            "saved_for_backward_gb": round(plain / GB, 2),
+            "checkpointed_peak_gb": round((inputs + largest + max(quant, 0)) / GB, 2),
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scales", default="0.125,0.25", help="channel-width fractions of the preset")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as on GPUs)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--scale", type=float, default=1.0, help="channel widths as a fraction of the preset's")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if args.one:
-        scale, ck = args.one.split(":")
-        print(json.dumps(one(float(scale), ck == "1", args.batch, args.bf16)))
-        return
+    torch.set_grad_enabled(True)
     rows = []
-    for scale in (float(s) for s in args.scales.split(",")):
-        for ck in (False, True):
-            cmd = [sys.executable, __file__, "--one", f"{scale}:{int(ck)}", "--batch", str(args.batch),
-                   *(["--bf16"] if args.bf16 else [])]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr)
-    est = {}
-    for ck in (False, True):
-        rs = [r for r in rows if r["checkpointing"] == ck]
-        per = [r["step_memory_mb"] / r["scale"] for r in rs]  # linear in the widths
-        model_mb = rs[0]["preset_params"] * 4 * 4 / 2**20
-        est["checkpointing" if ck else "plain"] = {
-            "step_activations_mb_at_preset_widths": [round(v) for v in per],
-            "model_grads_adam_mb": round(model_mb),
-            "total_gb_per_gpu_lower_bound": round((max(per) + model_mb) / 1024 + 1.0, 1)}
-    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-           "batch_per_gpu": args.batch, "rows": rows, "estimate": est, "command": "python " + " ".join(sys.argv)}
+    for bf16 in (False, True):
+        rows.append(measure(args.scale, bf16))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    fits = {}
+    for r in rows:
+        fixed = 4 * r["params"] * 4 / GB + 1.0  # weights, grads, Adam moments; CUDA context
+        for key, per in (("plain", r["saved_for_backward_gb"]), ("checkpointing", r["checkpointed_peak_gb"])):
+            for gpu in (24, 80):
+                usable = gpu / 1.2 - fixed  # 20% margin
+                fits[f"{'bf16' if r['bf16'] else 'fp32'} {key}, {gpu} GB"] = max(0, int(usable // per))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    out = {"machine": machine,
+           "preset": "vqvae3d-t1-1mm", "rows": rows, "batch_per_gpu_that_fits": fits,
+           "command": "python " + " ".join(sys.argv)}
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

@@ -116,3 +116,15 @@ def test_wheel_ships_cards_and_presets(tmp_path: Path) -> None:
     where, n, dims = proc.stdout.split()
     assert Path(where) == site / "mrivq" / "_cards" and int(n) == len(list((REPO / "datasets").glob("*.yaml")))
     assert dims == "3"
+
+
+def test_1mm_presets_build_with_their_code_grid() -> None:
+    from mrivq.builders import build_prior, build_vqvae
+
+    cfg = C.load_preset("vqvae3d-t1-1mm")
+    assert cfg["data"]["spacing"] == [1.0, 1.0, 1.0] and cfg["prior_preset"] == "prior3d-t1-1mm"
+    vq = build_vqvae(cfg, 1)
+    assert vq.checkpointing and vq.latent_shape(cfg["data"]["shape"]) == (20, 24, 20)
+    prior_cfg = {"prior": C.load_preset(cfg["prior_preset"])["prior"]}
+    prior = build_prior(prior_cfg, 3, vq.num_embeddings, (20, 24, 20))
+    assert prior.config["attention_every"] == 6 and tuple(prior.config["latent_shape"]) == (20, 24, 20)

@@ -128,5 +128,5 @@ def test_activation_checkpointing_gives_the_same_step():
         x_hat, vq = m(x)
         (F.mse_loss(x_hat, x) + vq).backward()
         grads.append([p.grad.clone() for p in m.parameters()])
-    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(*grads))
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(*grads, strict=True))
     assert VQVAE(**b.config).checkpointing
