@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.realism import KEEP, cli, write_volumes  # noqa: E402
+from benchmarks.realism import KEEP, cli, recon_row  # noqa: E402
 
 LEVERS = {
     "mse": "",
@@ -37,20 +37,6 @@ LEVERS = {
     "mse+adv0.01": "train.adversarial_weight=0.01,train.adversarial_start=100",
     "l1+adv0.01": "train.recon_loss=l1,train.adversarial_weight=0.01,train.adversarial_start=100",
 }
-
-
-def reconstructions(run: Path, count: int, out: Path) -> None:
-    """The last checkpoint's reconstructions of ``count`` training scans, written as NIfTI."""
-    from mrivq.runs import load_run
-    from mrivq.train import load_split
-
-    r = load_run(run, which="last")
-    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
-    x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
-    with torch.no_grad():
-        y = torch.cat([r.vqvae.decode_indices(r.vqvae.encode_indices(x[s:s + 4])).clamp(0, 1)
-                       for s in range(0, len(x), 4)])
-    write_volumes(r, y.numpy(), out)
 
 
 def main() -> None:
@@ -78,7 +64,7 @@ def main() -> None:
                 *(["--resume"] if (run / "run.json").is_file() else []))
             (run / "bench_seconds.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t0, 1)}))
         folder = args.work / "recon" / name.replace("+", "_")
-        reconstructions(run, args.count, folder)
+        recon_row(run, args.count, folder, which="last")
         res = evaluate_realism(run, folder, "phantom:val", "phantom:train", root=args.root)["metrics"]
         val = read_run_info(run)["stages"]["vqvae"]["val"]
         seconds = json.loads((run / "bench_seconds.json").read_text())["seconds"] \

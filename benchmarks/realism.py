@@ -83,11 +83,12 @@ def write_volumes(r, vols: np.ndarray, out: Path) -> None:
                    out / f"synth_{i:04d}.nii.gz")
 
 
-def recon_row(run: Path, count: int, out: Path) -> None:
+def recon_row(run: Path, count: int, out: Path, which: str = "best") -> None:
+    """The ``which`` checkpoint's reconstructions of ``count`` training scans, written as NIfTI."""
     from mrivq.runs import load_run
     from mrivq.train import load_split
 
-    r = load_run(run)
+    r = load_run(run, which=which)
     sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
     with torch.no_grad():

@@ -16,7 +16,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "batch_size": 2, "lr": 1e-3, "max_steps": None, "epochs": None, "warmup_steps": 50,
     "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
     "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
-    "cache": "memory", "recon_loss": "mse", "threads": None,
+    "cache": "memory", "recon_loss": "mse", "threads": None, "workers": "auto",
     "adversarial_weight": 0.0, "adversarial_start": 0, "disc_channels": 32, "disc_layers": 3, "disc_lr": None,
 }
 

@@ -108,12 +108,61 @@ def _covariates(columns: Any, rows: list[dict], tr_rows: list[dict]) -> tuple[di
 
 
 def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
-    items = [ds[i] for i in idx]
-    out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items]).to(device)}
+    return to_device(collate_items([ds[i] for i in idx]), device)
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Dataset items -> one batch on the CPU: ``image`` float32 ``[B, C, *spatial]``, ``label``, ``subject``."""
+    out = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in items])}
     if "label" in items[0]:
-        out["label"] = torch.tensor([int(it["label"]) for it in items], device=device)
+        out["label"] = torch.tensor([int(it["label"]) for it in items])
     out["subject"] = [str(it.get("subject", "")) for it in items]
     return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Steps(torch.utils.data.Sampler):
+    """The index lists of steps ``start, start + 1, ...``: this rank's share of each step's batch."""
+
+    def __init__(self, start: int, total: int, n: int, batch_size: int, seed: int) -> None:
+        self.start, self.total, self.n, self.bs, self.seed = start, total, n, batch_size, seed
+
+    def __iter__(self):
+        from mrivq import distributed as ddp
+        from mrivq.loop import batch_indices
+
+        for step in range(self.start, self.total):
+            yield ddp.shard(batch_indices(step, self.n, self.bs, self.seed))
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+
+class StepBatches:
+    """Training batches by step from a ``torch.utils.data.DataLoader`` with ``workers`` processes and
+    pinned memory on GPUs, so the GPU does not wait on one Python thread. Which items make up step ``s``
+    stays a pure function of ``s`` (:func:`mrivq.loop.batch_indices`), so ``--resume`` is exact: a
+    loader is (re)started at the step asked for, and workers only prefetch what comes next."""
+
+    def __init__(self, ds: Any, batch_size: int, seed: int, total: int, device: torch.device,
+                 workers: int = 0) -> None:
+        self.ds, self.bs, self.seed, self.total, self.device = ds, batch_size, seed, total, device
+        self.workers = int(workers)
+        self._it: Any = None
+        self._next = -1
+
+    def get(self, step: int) -> dict:
+        if self._it is None or step != self._next:
+            loader = torch.utils.data.DataLoader(
+                self.ds, batch_sampler=_Steps(step, self.total, len(self.ds), self.bs, self.seed),
+                num_workers=self.workers, collate_fn=collate_items, pin_memory=self.device.type == "cuda",
+                persistent_workers=False, prefetch_factor=2 if self.workers else None)
+            self._it = iter(loader)
+        self._next = step + 1
+        return to_device(next(self._it), self.device)
 
 
 def iterate(ds: Any, batch_size: int, device: torch.device):

@@ -18,7 +18,7 @@ from mrivq import distributed as ddp
 from mrivq.adversary import Adversary
 from mrivq.builders import TRAIN_DEFAULTS, build_vqvae, total_steps
 from mrivq.errors import MrivqError, RunError
-from mrivq.loop import LoopConfig, batch_indices, resolve_device, run_loop
+from mrivq.loop import LoopConfig, resolve_device, run_loop
 from mrivq.progress import Progress, silent
 from mrivq.runconfig import TrainRequest, continued_config
 from mrivq.runs import (
@@ -27,7 +27,7 @@ from mrivq.runs import (
     update_run_info,
     write_config,
 )
-from mrivq.split import Split, collate, iterate, load_split
+from mrivq.split import Split, StepBatches, collate, iterate, load_split
 from mrivq.train_prior import train_prior
 
 __all__ = ["TRAIN_DEFAULTS", "Split", "build_vqvae", "collate", "iterate", "load_split", "reconstruction_metrics",
@@ -124,8 +124,10 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     if adv is not None and resume:
         adv.resume(run_dir / "checkpoints" / "vqvae_last.pt", device)
 
+    batches = StepBatches(split.train, bs, int(tcfg["seed"]), total, device, workers=_workers(tcfg, device))
+
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
-        b = collate(split.train, ddp.shard(batch_indices(step, n, bs, tcfg["seed"])), device)
+        b = batches.get(step)
         x = b["image"]
         info = net(x)
         rec = recon(info["x_hat"].float(), x)
@@ -163,6 +165,21 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
                                      "vqvae": {"done": True, "steps": total, "val": val}})
     ddp.barrier()  # the other ranks read what rank 0 wrote (best checkpoint, run.json)
     return val
+
+
+def _workers(tcfg: dict, device: torch.device) -> int:
+    """``train.workers``: data-loading processes; ``auto`` is 4 on a GPU (up to half the CPU cores per
+    process) and 0 on the CPU, where the cached batches are cheap and the cores are busy training."""
+    w = tcfg.get("workers", "auto")
+    if w in (None, "auto"):
+        if device.type != "cuda":
+            return 0
+        import os
+
+        return max(0, min(4, (os.cpu_count() or 2) // (2 * ddp.world())))
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise MrivqError(f"train.workers={w!r} must be auto or a number of processes >= 0")
+    return w
 
 
 class _WithInfo(torch.nn.Module):

@@ -227,9 +227,11 @@ ADVERSARIAL = ["--set", "train.adversarial_weight=0.1", "--set", "train.adversar
                "--set", "train.disc_channels=4", "--set", "train.disc_layers=2"]
 
 
-@pytest.mark.parametrize("extra", [[], ADVERSARIAL], ids=["plain", "adversarial"])
+@pytest.mark.parametrize("extra", [[], ADVERSARIAL, ["--set", "train.workers=2"]],
+                         ids=["plain", "adversarial", "loader-workers"])
 def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path, extra: list[str]) -> None:
-    """Also with the patch discriminator on: its weights and optimizer resume exactly too."""
+    """Also with the patch discriminator on (its weights and optimizer resume exactly too) and with
+    DataLoader worker processes (the batches stay a function of the step)."""
     base = [sys.executable, "-m", "mrivq", "train", "--dataset", "phantom", "--root", str(phantom_root),
             "--preset", "vqvae3d-cpu", "--device", "cpu", "--stage", "vqvae", "--max-steps", "40", *TINY, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -248,7 +250,12 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    if extra:
+    if extra == ["--set", "train.workers=2"]:  # and the same model as without workers
+        plain = tmp_path / "plain"
+        subprocess.run([*base[:-2], "--out", str(plain)], check=True, capture_output=True, env=env, timeout=600)
+        c = _weights(plain / "checkpoints" / "vqvae_last.pt")
+        assert all(torch.equal(a[k], c[k]) for k in a)
+    if extra == ADVERSARIAL:
         da = torch.load(full / "checkpoints" / "vqvae_last.pt", weights_only=True)["discriminator"]
         db = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["discriminator"]
         assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
