@@ -159,7 +159,10 @@ class StepBatches:
             loader = torch.utils.data.DataLoader(
                 self.ds, batch_sampler=_Steps(step, self.total, len(self.ds), self.bs, self.seed),
                 num_workers=self.workers, collate_fn=collate_items, pin_memory=self.device.type == "cuda",
-                persistent_workers=False, prefetch_factor=2 if self.workers else None)
+                persistent_workers=False, prefetch_factor=2 if self.workers else None,
+                # its own generator: a loader started at the resumed step must not draw from the global
+                # RNG, which the codebook's restarts use (the worker seeds do not matter: no randomness)
+                generator=torch.Generator().manual_seed(self.seed))
             self._it = iter(loader)
         self._next = step + 1
         return to_device(next(self._it), self.device)
