@@ -17,6 +17,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "min_lr_ratio": 0.05, "weight_decay": 0.0, "grad_clip": 1.0, "val_every": 100, "ckpt_every": 200,
     "log_every": 10, "preview_every": None, "amp": "auto", "seed": 0, "val_fraction": 0.15,
     "cache": "memory", "recon_loss": "mse", "threads": None, "workers": "auto",
+    "cache_dtype": "float32", "cache_workers": "auto",
     "adversarial_weight": 0.0, "adversarial_start": 0, "disc_channels": 32, "disc_layers": 3, "disc_lr": None,
 }
 

@@ -22,7 +22,7 @@ from mrivq.runs import new_run_dir, read_config, read_run_info
 #: what is learned from which data (the learning-rate schedule follows the new length).
 RESUMABLE = {f"{section}.{key}" for section in ("train", "prior.train")
              for key in ("max_steps", "epochs", "val_every", "ckpt_every", "log_every", "preview_every",
-                         "threads", "amp", "cache", "workers")}
+                         "threads", "amp", "cache", "workers", "cache_workers")}
 
 
 @dataclass

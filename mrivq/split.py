@@ -72,8 +72,10 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     covariates, cov_values = _covariates(cfg["data"].get("covariates"), rows, tr_rows)
     cache = tcfg["cache"]
     cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
-    train = D.make_dataset(tr_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
-    val = D.make_dataset(va_rows, data_dir, pre, cache=cache, cache_dir=cache_dir, progress=progress)
+    kw = {"cache": cache, "cache_dir": cache_dir, "progress": progress, "cache_dtype": tcfg["cache_dtype"],
+          "num_workers": _fill_workers(tcfg["cache_workers"])}
+    train = D.make_dataset(tr_rows, data_dir, pre, **kw)
+    val = D.make_dataset(va_rows, data_dir, pre, **kw)
     stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
     if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
         by_mod: dict[str, list] = {}
@@ -82,6 +84,17 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
         stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
     recorded = {k: list(dict.fromkeys(r["subject"] for r in rs)) for k, rs in (("train", tr_rows), ("val", va_rows))}
     return Split(train, val, pre, stats, classes, covariates, cov_values, recorded)
+
+
+def _fill_workers(value: Any) -> int:
+    """``train.cache_workers``: threads that preprocess into the cache (``auto``: every core)."""
+    import os
+
+    if value in (None, "auto"):
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MrivqError(f"train.cache_workers={value!r} must be auto or a number of threads >= 1")
+    return value
 
 
 def _recorded(rows: list[dict], names: list[str], which: str, data_dir: Path) -> list[dict]:

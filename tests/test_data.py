@@ -391,6 +391,25 @@ def test_persistent_disk_cache(tmp_path):
         D.make_dataset(rows, ds, pre, cache="disk")
 
 
+def test_float16_cache_is_half_the_size_and_serves_float32(tmp_path):
+    ds = tmp_path / "ds"
+    rows = make_volume_dataset(ds, n=3)
+    pre = D.Preprocess(spacing=[2.0, 2.0, 2.0])
+    full = D.make_dataset(rows, ds, pre, cache="disk", cache_dir=tmp_path / "c32")
+    half = D.make_dataset(rows, ds, pre, cache="disk", cache_dir=tmp_path / "c16", cache_dtype="float16")
+    mem = D.make_dataset(rows, ds, pre, cache="memory", cache_dtype="float16")
+    assert mem.base._cache[0]["image"].dtype == torch.float16  # what the memory cache holds
+    for i in range(3):
+        a, b, c = full[i]["image"], half[i]["image"], mem[i]["image"]
+        assert b.dtype == torch.float32 and c.dtype == torch.float32
+        assert float((a - b).abs().max()) < 2.5e-4 and torch.equal(b, c)
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k).rglob("*.pt")) for k in ("c32", "c16")}
+    assert size["c16"] < 0.6 * size["c32"]
+    assert full.stats == half.stats  # intensity ranges are measured before the cast
+    with pytest.raises(MrivqError, match="cache_dtype='int8' is not one of float32, float16"):
+        D.make_dataset(rows, ds, pre, cache="memory", cache_dtype="int8")
+
+
 @pytest.mark.parametrize("cache", ["memory", "disk", "none"])
 def test_corrupt_image_names_the_file(tmp_path, cache):
     ds = tmp_path / "ds"

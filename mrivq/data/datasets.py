@@ -76,6 +76,8 @@ class VolumeDataset(_Items):
         img = d["image"]
         if self.pre.dims == 2 and img.ndim == 4:  # [n, C, H, W] slices of a volume
             img = img[s]
+        if img.dtype == torch.float16:  # a compact cache: float32 out
+            img = img.float()
         out = {"image": img, "subject": d["subject"]}
         if self.has_label:
             out["label"] = int(d["label"])
@@ -188,12 +190,16 @@ class _progress_task:
 
 
 def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache: str = "memory",
-                 cache_dir: Path | None = None, num_workers: int = 0, progress: Any = None) -> torch.utils.data.Dataset:
+                 cache_dir: Path | None = None, num_workers: int = 0, progress: Any = None,
+                 cache_dtype: str = "float32") -> torch.utils.data.Dataset:
     """A dataset of preprocessed items (see :class:`VolumeDataset`).
 
     ``cache``: "memory" (MONAI CacheDataset, filled now), "disk" (MONAI PersistentDataset under
     ``cache_dir``, filled now; keyed by file, file stamp and preprocessing) or "none" (load per access).
     ``num_workers`` threads fill the cache; ``progress`` (a :class:`mrivq.progress.Progress`) shows it.
+    ``cache_dtype="float16"`` stores the cached volumes (in memory and on disk) at half the size; items
+    come out as float32 (intensities are in [0, 1], where float16 keeps 3 significant digits: an error
+    below 2.5e-4, far below MRI noise).
     ``rows`` are manifest rows or :func:`select_rows` items. Errors name the file (ImageReadError /
     MrivqError one-liners). With the memory cache, items share the cached tensors: don't modify
     them in place.
@@ -215,7 +221,12 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
     if kind == "image2d" and pre.dims != 2:
         raise MrivqError("this dataset holds 2D images; use dims=2 (a 2D preset)")
     volumetric = kind == "volume"
-    transform = build_transforms(pre, volumetric=volumetric, for_dataset=True, base=None)
+    if cache_dtype not in ("float32", "float16"):
+        raise MrivqError(f"train.cache_dtype={cache_dtype!r} is not one of float32, float16")
+    transform = build_transforms(pre, volumetric=volumetric, for_dataset=True, base=None,
+                                 dtype=getattr(torch, cache_dtype))
+    if cache_dtype == "float16" and cache_dir is not None:
+        cache_dir = Path(cache_dir) / "float16"
     data = _data_items(items, dataset_dir, pre, has_label)
     slices = pre.slices_per_volume if (volumetric and pre.dims == 2) else 1
     lohi: list | None = None

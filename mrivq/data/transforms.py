@@ -169,7 +169,8 @@ def _pad_crop(pre: Preprocess, nd: int, volumetric_2d: bool) -> tuple[str, Any]:
     return "k", [pre.divisible_by] * nd
 
 
-def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, base: Path | None = None):
+def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, base: Path | None = None,
+                     dtype: torch.dtype = torch.float32):
     """The MONAI Compose for volumes (``volumetric``) or 2D images; ``for_dataset`` adds typing,
     key selection and (2D model on volumes) central-slice extraction."""
     ts: list = [LoadSourcesd("image", base=str(base) if base else None)]
@@ -187,7 +188,7 @@ def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, ba
     else:
         ts.append(DivisiblePadd("image", k=arg))
     if for_dataset:
-        ts.append(EnsureTyped("image", data_type="tensor", dtype=torch.float32, track_meta=False))
+        ts.append(EnsureTyped("image", data_type="tensor", dtype=dtype, track_meta=False))  # the cache's dtype
         if volumetric_2d:
             ts.append(CentralSlicesd("image", axis=pre.slice_axis, n=pre.slices_per_volume))
         ts.append(SelectItemsd(["image", "lo", "hi", "subject", "label"], allow_missing_keys=True))
