@@ -115,3 +115,35 @@ def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
     assert "rank 1: injected failure" in res.stderr
     ck = tmp_path / "fail" / "checkpoints" / "vqvae_last.pt"
     assert not ck.exists() or torch.load(ck, weights_only=True)["step"] < 40
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_resumes(root: Path, tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers: every rank stops at the same step, rank 0 writes the
+    checkpoint, and ``--resume`` under torchrun ends where the uninterrupted 2-rank run ends."""
+    import json
+    import signal
+    import time
+
+    args = ["--stage", "vqvae", "--max-steps", "120", "--set", "train.log_every=1", "--set", "train.ckpt_every=1000"]
+    _train(root, tmp_path / "full", 2, *args)
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mrivq",
+           "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--device", "cpu",
+           "--out", str(cut), *SMALL, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=Path(__file__).parents[1])
+    metrics, deadline = cut / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline:
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if any(x.get("step", 0) >= 10 and "loss" in x for x in lines):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    step = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"]
+    assert 10 <= step < 120, "the signal should arrive mid-run"
+    assert f"vqvae interrupted at step {step}; checkpoint written" in stderr
+    _train(root, cut, 2, "--resume", *args)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
+    _close({"vqvae": a}, {"vqvae": b})
