@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.common import emit  # noqa: E402
 
 
 def fill(root: Path, dtype: str, workers: int, cache: str) -> dict:
@@ -70,13 +71,7 @@ def main() -> None:
     at600 = {f"{r['cache']} {r['dtype']} x{r['workers']}": {"cache_gb": round(r["cache_mb"] * scale / 1024, 2),
                                                             "fill_minutes": round(r["fill_seconds"] * scale / 60, 1)}
              for r in rows}
-    out = {"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "rows": rows,
-           "scaled_to_600_subjects": at600, "command": "python " + " ".join(sys.argv)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+    emit({"rows": rows, "scaled_to_600_subjects": at600}, args.out)
 
 if __name__ == "__main__":
     main()

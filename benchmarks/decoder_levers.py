@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks.common import emit  # noqa: E402
 from benchmarks.realism import KEEP, cli, recon_row  # noqa: E402
 
 LEVERS = {
@@ -73,13 +71,7 @@ def main() -> None:
                       "train_seconds": seconds,
                       **{k: res.get(k) for k in KEEP if not k.startswith("memorization")}}
         print(json.dumps({name: rows[name]}), file=sys.stderr)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    text = json.dumps({"machine": machine, "steps": args.steps, "rows": rows,
-                       "command": "python " + " ".join(sys.argv)}, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+    emit({"steps": args.steps, "rows": rows}, args.out)
 
 if __name__ == "__main__":
     main()

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.common import emit  # noqa: E402
 
 GB = 2**30
 
@@ -94,16 +95,7 @@ def main() -> None:
             for gpu in (24, 80):
                 usable = gpu / 1.2 - fixed  # 20% margin
                 fits[f"{'bf16' if r['bf16'] else 'fp32'} {key}, {gpu} GB"] = max(0, int(usable // per))
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    out = {"machine": machine,
-           "preset": "vqvae3d-t1-1mm", "rows": rows, "batch_per_gpu_that_fits": fits,
-           "command": "python " + " ".join(sys.argv)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-
+    emit({"preset": "vqvae3d-t1-1mm", "rows": rows, "batch_per_gpu_that_fits": fits}, args.out)
 
 if __name__ == "__main__":
     main()

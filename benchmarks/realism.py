@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.common import emit  # noqa: E402
 
 ROWS = {
     "pixelcnn": {"prior": "pixelcnn", "temperature": 1.0},
@@ -225,15 +226,7 @@ def main() -> None:
             done.write_text(json.dumps(extra))
         rows[name] = {**evaluate(run, folder, args.root, info["dataset"]), **extra}
         print(json.dumps({name: rows[name]}), file=sys.stderr)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    out = {"machine": machine,
-           "run": str(run), "stage_seconds": budgets, "rows": rows,
-           "command": "python " + " ".join(sys.argv)}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
+    emit({"run": str(run), "stage_seconds": budgets, "rows": rows}, args.out)
 
 if __name__ == "__main__":
     main()
