@@ -8,6 +8,7 @@ orthogonal mid-slices per sample and a JSON sidecar (run, checkpoint hashes, see
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,10 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     progress = progress or silent()
     if count < 1:
         raise MrivqError(f"--count {count} must be at least 1")
-    if temperature < 0:
-        raise MrivqError(f"--temperature {temperature} must be >= 0 (0 picks the most likely code)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise MrivqError(f"--temperature {temperature} must be a number >= 0 (0 picks the most likely code)")
+    if batch_size < 1:
+        raise MrivqError(f"--batch-size {batch_size} must be at least 1")
     if top_k is not None and top_k < 1:
         raise MrivqError(f"--top-k {top_k} must be at least 1")
     if prior not in PRIORS:

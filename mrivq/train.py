@@ -219,6 +219,9 @@ def train_run(
     dev = resolve_device(device)
     if stage not in ("all", "vqvae", "prior"):
         raise MrivqError(f"--stage {stage!r} is not one of all, vqvae, prior")
+    for option, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--prior-max-steps", prior_max_steps)):
+        if value is not None and value < 1:
+            raise MrivqError(f"{option} {value} must be at least 1")
     existing = ddp.broadcast(is_run(run_dir))  # rank 0's view: it is the one that creates the folder
     if existing and not resume and stage != "prior":
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")

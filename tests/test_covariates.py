@@ -129,3 +129,11 @@ def test_unconditional_run_rejects_covariates(phantom_root: Path, tmp_path: Path
     res = invoke("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--covariate", "age=3",
                  "--device", "cpu")
     assert res.exit_code == 2 and "has no covariates; drop --covariate" in res.output
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_covariate_is_refused(value: float) -> None:
+    """``--covariate age=nan`` used to condition on NaN and write NaN into the JSON sidecar."""
+    spec = {"columns": ["age"], "mean": [50.0], "std": [10.0], "missing": {"age": 0}}
+    with pytest.raises(MrivqError, match="is not a finite number"):
+        D.parse_covariates(spec, {"age": value}, "run")

@@ -181,6 +181,10 @@ def test_score_and_eval(trained_run: Path, phantom_root: Path, tmp_path: Path) -
     (["decode", "{tmp}/junk.npz", "-o", "{tmp}/o.nii.gz", "--run", "{run}"], "junk.npz"),
     (["train", "--stage", "prior", "--run", "{tmp}"], "is not an mrivq run"),
     (["train", "--resume", "--out", "{tmp}/nope"], "nope does not exist"),
+    (["train", "--resume", "--out", "{run}", "--max-steps", "-5"], "--max-steps -5 must be at least 1"),
+    (["train", "--stage", "prior", "--run", "{run}", "--prior-max-steps", "0"], "--prior-max-steps 0 must be at"),
+    (["synth", "--run", "{run}", "--out", "{tmp}/s", "--temperature", "nan"], "--temperature nan must be a number"),
+    (["synth", "--run", "{run}", "--out", "{tmp}/s", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
     (["encode", "{tmp}/slice.png", "-o", "{tmp}/c.npz", "--run", "{run}"], "2D image but the model is 3D"),
     (["encode", "{tmp}/two.nii.gz", "-o", "{tmp}/c.npz", "--run", "{run}"], "2 channel(s) but the run expects 1"),
 ])

@@ -85,4 +85,8 @@ def parse_covariates(spec: Mapping | None, given: Mapping[str, float] | None, ru
     if unknown:
         raise MrivqError(f"--covariate {unknown[0]} is not a covariate of run {run_name}; "
                          f"it has: {', '.join(spec['columns'])}")
+    bad = [k for k, v in given.items() if not math.isfinite(float(v))]
+    if bad:
+        raise MrivqError(f"--covariate {bad[0]}={given[bad[0]]} is not a finite number; give a value such as "
+                         f"{bad[0]}=40")
     return {c: float(given.get(c, m)) for c, m in zip(spec["columns"], spec["mean"], strict=True)}
