@@ -86,26 +86,36 @@ def _unbatch(y: torch.Tensor, ctx: dict, r: Run) -> torch.Tensor:
     return D.slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
 
 
+def check_output(output: Path, *inputs: Path) -> Path:
+    """Refuse, before any work, an output that would destroy something: the input itself (``-o IN``), a
+    directory, a device, a FIFO or any other non-regular file; its folder must exist."""
+    output = Path(output)
+    if output.exists() or output.is_symlink():
+        if not output.is_file():
+            raise MrivqError(f"output {output} exists and is not a regular file; name a new file")
+        for src in inputs:
+            if Path(src).exists() and output.resolve() == Path(src).resolve():
+                raise MrivqError(f"output {output} is the input; name another output file")
+    if not output.parent.is_dir():
+        raise MrivqError(f"output folder {output.parent} does not exist; create it first")
+    return output
+
+
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, output: Path) -> None:
     from mrivq.io import save_nifti
 
-    output = Path(output)
-    if not output.parent.exists():
-        raise MrivqError(f"output folder {output.parent} does not exist; create it first")
-    save_nifti(arr, affine, output)
+    save_nifti(arr, affine, Path(output))
 
 
 def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
     """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
+    output = check_output(output, image)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x).cpu().numpy()
     if not ctx.get("_sliced"):
         idx = idx[0]
-    output = Path(output)
-    if not output.parent.exists():
-        raise MrivqError(f"output folder {output.parent} does not exist; create it first")
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=output.parent)
     os.close(fd)
     try:
@@ -126,6 +136,7 @@ def _jsonable(o: Any) -> Any:
 
 def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto") -> dict:
     """Decode a codes ``.npz`` into a NIfTI in the original image's geometry."""
+    output = check_output(output, codes)
     r, dev = _load(run, device)
     try:
         with np.load(codes, allow_pickle=False) as z:
@@ -152,6 +163,7 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
 
 def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
     """Encode and decode ``image``; the output has its shape, affine and intensity scale."""
+    output = check_output(output, image)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
@@ -167,6 +179,7 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
+    output = check_output(output, image)
     r, dev = _load(run, device, need_prior=True)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():

@@ -203,6 +203,26 @@ def test_cli_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, t
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "encode", "score", "decode"])
+def test_outputs_never_destroy_an_input_or_a_non_file(command: str, tmp_path: Path, trained_run: Path) -> None:
+    """`reconstruct IN -o IN` used to replace the input; `-o DIR` or a FIFO were written over too."""
+    vol = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([6.0, 6.0, 6.0, 1.0])), src)
+    if command == "decode":
+        assert invoke("encode", str(src), "-o", str(tmp_path / "c.npz"), "--run", str(trained_run)).exit_code == 0
+        src = tmp_path / "c.npz"
+    before = src.read_bytes()
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    for target, needle in ((src, "is the input"), (tmp_path / "folder", "is not a regular file"),
+                           (tmp_path / "fifo", "is not a regular file")):
+        proc = subprocess.run([sys.executable, "-m", "mrivq", command, str(src), "-o", str(target), "--run",
+                               str(trained_run)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert src.read_bytes() == before and (tmp_path / "folder").is_dir() and not list((tmp_path / "folder").iterdir())
+
+
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mrivq", "--debug", "synth", "--run", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
