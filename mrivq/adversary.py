@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from mrivq.distributed import average_gradients
@@ -61,12 +59,9 @@ class Adversary:
     def state_dict(self) -> dict:
         return {"discriminator": self.disc.state_dict(), "discriminator_optimizer": self.opt.state_dict()}
 
-    def resume(self, path: Path, device: torch.device) -> None:
-        from mrivq.runs import load_checkpoint
-
-        if not path.is_file():
-            return
-        ck = load_checkpoint(path, map_location=device)
-        if "discriminator" in ck:  # a run that turned the discriminator on later starts it fresh
+    def load_state_dict(self, ck: dict) -> None:
+        """Restore from a stage-1 checkpoint; one saved without a discriminator (turned on later) leaves
+        it fresh."""
+        if "discriminator" in ck:
             self.disc.load_state_dict(ck["discriminator"])
             self.opt.load_state_dict(ck["discriminator_optimizer"])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mrivq import data as D
 from mrivq.errors import MrivqError
+from mrivq.io import save_nifti
 from mrivq.loop import resolve_device
 from mrivq.runs import Run, load_run, write_json
 
@@ -101,12 +102,6 @@ def check_output(output: Path, *inputs: Path) -> Path:
     return output
 
 
-def _save_nifti(arr: np.ndarray, affine: np.ndarray, output: Path) -> None:
-    from mrivq.io import save_nifti
-
-    save_nifti(arr, affine, Path(output))
-
-
 def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
     """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
     output = check_output(output, image)
@@ -157,7 +152,7 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(idx.to(dev)).float().clamp(0, 1)
     arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
-    _save_nifti(arr, affine, output)
+    save_nifti(arr, affine, output)
     return {"path": str(output)}
 
 
@@ -170,7 +165,7 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
         x_hat = r.vqvae.decode_indices(r.vqvae.encode_indices(x)).float().clamp(0, 1)
     mse = float(F.mse_loss(x_hat, x))
     arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
-    _save_nifti(arr, affine, output)
+    save_nifti(arr, affine, output)
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
 
@@ -197,5 +192,5 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)
     arr, affine = D.restore(_unbatch(up, ctx, r), ctx, intensity=False)
-    _save_nifti(arr, affine, output)
+    save_nifti(arr, affine, output)
     return {"path": str(output), "mean_nll": float(nll.mean()), "covariates": cov_values or None}

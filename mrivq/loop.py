@@ -221,6 +221,7 @@ def run_loop(
     *,
     resume: bool = False,
     extra_state: Callable[[], dict] | None = None,
+    restore_state: Callable[[dict], None] | None = None,
     on_best: Callable[[int, dict], None] | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -249,6 +250,8 @@ def run_loop(
         if ck.get("scaler") and scaler.is_enabled():  # a run that switches to fp16 starts a fresh scale
             scaler.load_state_dict(ck["scaler"])
         step, best, last_val = ck["step"], ck.get("best"), ck.get("last_val", {})
+        if restore_state:  # the counterpart of extra_state (e.g. a discriminator)
+            restore_state(ck)
         set_rng_state(ck["rng"])
 
     def checkpoint(path: Path) -> None:

@@ -237,7 +237,9 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
         p_path = checkpoint_path(run_dir, "prior", which)
         p_ck = load_checkpoint(p_path, map_location=device)
         trained_on = p_ck.get("vqvae_sha256")  # absent in checkpoints from before it was recorded
-        if trained_on is not None and trained_on != file_sha256(checkpoint_path(run_dir, "vqvae", "best")):
+        best = checkpoint_path(run_dir, "vqvae", "best")
+        best_sha = run.checkpoints["vqvae"] if best == ck_path else file_sha256(best)  # hashed once
+        if trained_on is not None and trained_on != best_sha:
             raise RunError(f"{run_dir}: the prior was trained on the codes of another VQ-VAE checkpoint; train it "
                            f"again with `mrivq train --stage prior --run {run_dir}`")
         prior.load_state_dict(p_ck["model"])

@@ -121,8 +121,6 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
     dims = split.pre.dims
     preview_every = int(tcfg["preview_every"] or tcfg["val_every"])
     adv = Adversary.from_config(tcfg, dims, in_ch, device) if float(tcfg["adversarial_weight"]) > 0 else None
-    if adv is not None and resume:
-        adv.resume(run_dir / "checkpoints" / "vqvae_last.pt", device)
 
     batches = StepBatches(split.train, bs, int(tcfg["seed"]), total, device, workers=_workers(tcfg, device))
 
@@ -160,7 +158,8 @@ def train_vqvae(cfg: dict, run_dir: Path, split: Split, device: torch.device, *,
                     # a sharper decoder trades PSNR for realism: the best is chosen among adversarial steps
                     best_from=adv.start + 1 if adv is not None else 0)
     val = run_loop(lc, model, device, step_fn, val_fn, resume=resume, progress=progress,
-                   extra_state=adv.state_dict if adv is not None else None)
+                   extra_state=adv.state_dict if adv is not None else None,
+                   restore_state=adv.load_state_dict if adv is not None else None)
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
                                      "vqvae": {"done": True, "steps": total, "val": val}})
     ddp.barrier()  # the other ranks read what rank 0 wrote (best checkpoint, run.json)
