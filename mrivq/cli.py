@@ -291,17 +291,21 @@ def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: 
     out.print(f"wrote {res['json']}\npicture: {res['picture']}")
 
 
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output file.")
+
+
 @app.command()
 def encode(
     image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .npz with the code indices."),
     run: Path | None = RunOpt,
     device: str = typer.Option("auto", "--device"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Encode an image into code indices (plus what is needed to decode into its geometry)."""
     from mrivq.infer import encode_file
 
-    res = encode_file(run, image, output, device=device)
+    res = encode_file(run, image, output, device=device, overwrite=overwrite)
     out.print(f"wrote {output}: codes {tuple(res['shape'])}")
 
 
@@ -311,11 +315,12 @@ def decode(
     output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
     run: Path | None = RunOpt,
     device: str = typer.Option("auto", "--device"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Decode code indices back into an image in the original geometry."""
     from mrivq.infer import decode_file
 
-    decode_file(run, codes, output, device=device)
+    decode_file(run, codes, output, device=device, overwrite=overwrite)
     out.print(f"wrote {output}")
 
 
@@ -325,11 +330,12 @@ def reconstruct(
     output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
     run: Path | None = RunOpt,
     device: str = typer.Option("auto", "--device"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Encode then decode an image (shape, affine and intensity scale of the input)."""
     from mrivq.infer import reconstruct_file
 
-    res = reconstruct_file(run, image, output, device=device)
+    res = reconstruct_file(run, image, output, device=device, overwrite=overwrite)
     out.print(f"wrote {output} (PSNR vs input {res['psnr']:.2f} dB in the model's space)")
 
 
@@ -393,11 +399,13 @@ def score(
                                       "class-conditional prior."),
     covariate: list[str] = CovariateOpt,
     device: str = typer.Option("auto", "--device"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Negative log-likelihood of each code under the prior, in the input's geometry."""
     from mrivq.infer import score_file
 
-    res = score_file(run, image, output, device=device, cls=class_, covariates=_covariates(covariate))
+    res = score_file(run, image, output, device=device, cls=class_, covariates=_covariates(covariate),
+                     overwrite=overwrite)
     out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
 
 

@@ -87,9 +87,10 @@ def _unbatch(y: torch.Tensor, ctx: dict, r: Run) -> torch.Tensor:
     return D.slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
 
 
-def check_output(output: Path, *inputs: Path) -> Path:
+def check_output(output: Path, *inputs: Path, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output that would destroy something: the input itself (``-o IN``), a
-    directory, a device, a FIFO or any other non-regular file; its folder must exist."""
+    directory, a device, a FIFO or any other non-regular file, or (without ``overwrite``) an existing
+    file; its folder must exist."""
     output = Path(output)
     if output.exists() or output.is_symlink():
         if not output.is_file():
@@ -97,14 +98,17 @@ def check_output(output: Path, *inputs: Path) -> Path:
         for src in inputs:
             if Path(src).exists() and output.resolve() == Path(src).resolve():
                 raise MrivqError(f"output {output} is the input; name another output file")
+        if not overwrite:
+            raise MrivqError(f"output {output} already exists; pass --overwrite to replace it")
     if not output.parent.is_dir():
         raise MrivqError(f"output folder {output.parent} does not exist; create it first")
     return output
 
 
-def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto",
+                overwrite: bool = False) -> dict:
     """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
-    output = check_output(output, image)
+    output = check_output(output, image, overwrite=overwrite)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
@@ -129,9 +133,10 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto") -> dict:
+def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto",
+                overwrite: bool = False) -> dict:
     """Decode a codes ``.npz`` into a NIfTI in the original image's geometry."""
-    output = check_output(output, codes)
+    output = check_output(output, codes, overwrite=overwrite)
     r, dev = _load(run, device)
     try:
         with np.load(codes, allow_pickle=False) as z:
@@ -156,9 +161,10 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
     return {"path": str(output)}
 
 
-def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto") -> dict:
+def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto",
+                     overwrite: bool = False) -> dict:
     """Encode and decode ``image``; the output has its shape, affine and intensity scale."""
-    output = check_output(output, image)
+    output = check_output(output, image, overwrite=overwrite)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
@@ -170,11 +176,12 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
 
 
 def score_file(run: Path | None, image: Path, output: Path, device: str = "auto",
-               cls: str | int | None = None, covariates: dict[str, float] | None = None) -> dict:
+               cls: str | int | None = None, covariates: dict[str, float] | None = None,
+               overwrite: bool = False) -> dict:
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
-    output = check_output(output, image)
+    output = check_output(output, image, overwrite=overwrite)
     r, dev = _load(run, device, need_prior=True)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():

@@ -83,3 +83,33 @@ def test_amp_auto_avoids_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     assert amp_dtype(torch.device("cuda"), "off") is None
     with pytest.raises(MrivqError, match="train.amp='fp8'"):
         amp_dtype(torch.device("cpu"), "fp8")
+
+
+def test_best_checkpoint_is_chosen_from_best_from_on(tmp_path: Path) -> None:
+    """With ``best_from`` (the adversarial stage 1), an earlier, better-scoring validation never becomes
+    the best checkpoint."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    scores = iter([9.0, 1.0, 2.0])  # validations at steps 2, 4, 6: the first scores best
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        return model(torch.ones(1, 2)).pow(2).mean(), {}
+
+    lc = LoopConfig(stage="toy", run_dir=tmp_path, total_steps=6, lr=0.01, val_every=2, ckpt_every=6,
+                    log_every=1, amp="off", best_key="score", best_from=3)
+    run_loop(lc, model, torch.device("cpu"), step_fn, lambda: {"score": next(scores)})
+    best = torch.load(tmp_path / "checkpoints" / "toy_best.pt", weights_only=True)
+    assert best["step"] == 6 and best["best"] == 2.0
+
+
+@pytest.mark.parametrize("key,value", [("workers", -1), ("workers", "many"), ("cache_workers", 0)])
+def test_loader_and_cache_worker_counts_are_checked(key: str, value: object) -> None:
+    from mrivq.split import _fill_workers
+    from mrivq.train import _workers
+
+    with pytest.raises(MrivqError, match=f"train.{key}="):
+        if key == "workers":
+            _workers({"workers": value}, torch.device("cpu"))
+        else:
+            _fill_workers(value)
+    assert _workers({"workers": "auto"}, torch.device("cpu")) == 0 and _fill_workers("auto") >= 1

@@ -223,6 +223,23 @@ def test_outputs_never_destroy_an_input_or_a_non_file(command: str, tmp_path: Pa
     assert src.read_bytes() == before and (tmp_path / "folder").is_dir() and not list((tmp_path / "folder").iterdir())
 
 
+def test_existing_outputs_are_replaced_only_with_overwrite(tmp_path: Path, trained_run: Path) -> None:
+    vol = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.diag([6.0, 6.0, 6.0, 1.0])), src)
+    assert invoke("encode", str(src), "-o", str(tmp_path / "c.npz"), "--run", str(trained_run)).exit_code == 0
+    for command, inp, name in (("reconstruct", src, "r.nii.gz"), ("score", src, "s.nii.gz"),
+                               ("encode", src, "e.npz"), ("decode", tmp_path / "c.npz", "d.nii.gz")):
+        target = tmp_path / name
+        target.write_bytes(b"precious")
+        res = invoke(command, str(inp), "-o", str(target), "--run", str(trained_run))
+        assert res.exit_code == 2 and "already exists; pass --overwrite" in res.output, res.output
+        assert target.read_bytes() == b"precious"
+        res = invoke(command, str(inp), "-o", str(target), "--run", str(trained_run), "--overwrite")
+        assert res.exit_code == 0, res.output
+        assert target.read_bytes() != b"precious"
+
+
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mrivq", "--debug", "synth", "--run", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
