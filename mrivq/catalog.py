@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mrivq.errors import CardError
+from mrivq.errors import CardError, MrivqError
 from mrivq.paths import cards_dir
 
 ACCESS = ("open", "manual", "builtin")
@@ -269,21 +269,17 @@ def card_from_dict(data: Any, path: Path) -> Card:
 
 def load_card(path: str | os.PathLike) -> Card:
     """Read and validate one card file."""
-    import yaml
 
     p = Path(path).expanduser()
     where = f"card {_display(p)}"
     if not p.is_file():
         raise CardError(f"{where}: no such file")
+    from mrivq.limits import read_yaml_file
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise CardError(f"{where}: not valid YAML{at}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CardError(f"{where}: cannot be read ({e})") from None
+        data = read_yaml_file(p, where)
+    except MrivqError as e:
+        raise CardError(str(e)) from None
     return card_from_dict(data, p)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -17,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mrivq import __version__
-from mrivq.errors import MrivqError
+from mrivq.errors import MrivqError, user_message
 from mrivq.paths import resolve_root
 from mrivq.progress import Progress
 
@@ -176,7 +177,7 @@ def _train(req, stage: str, run: Path | None, out_dir: Path | None, resume: bool
     from mrivq import distributed as ddp
     from mrivq import runconfig as RC
     from mrivq.loop import Interrupted, resolve_device
-    from mrivq.runs import is_run, resolve_run
+    from mrivq.runs import check_run_folder, is_run, resolve_run
     from mrivq.train import train_run
 
     main = ddp.is_main()
@@ -190,6 +191,7 @@ def _train(req, stage: str, run: Path | None, out_dir: Path | None, resume: bool
         run_dir = ddp.broadcast(run_dir or RC.new_run_folder(cfg, req.dataset))  # one folder for all ranks
         meta = RC.run_meta(cfg, req.dataset)
         if main:
+            check_run_folder(Path(run_dir))  # before saying which folder it trains into
             err.print(f"preset {cfg['preset']}; run folder {run_dir}")
     try:
         with Progress(enabled=main) as prog:
@@ -418,21 +420,29 @@ def presets() -> None:
         out.print(p)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Warnings as one line each ("warning: ..."), like errors; --debug keeps Python's format."""
+    err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
     from mrivq import distributed as ddp
 
     debug = "--debug" in sys.argv
     who = ddp.label()  # "rank 1: " under torchrun: which process said it
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         app()
-    except MrivqError as e:
+    except Exception as e:
         if debug:
             raise
-        err.print(f"[red]error:[/] {escape(who + str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except Exception as e:
-        if debug or not ddp.peer_failed(e):
+        msg = user_message(e)
+        if msg is not None:
+            err.print(f"[red]error:[/] {escape(who + ' '.join(msg.split()))}", highlight=False, soft_wrap=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        if not ddp.peer_failed(e):
             raise
         err.print(f"[red]error:[/] {escape(who)}stopped because another process of this torchrun job failed "
                   f"(its own message is above or in torchrun's summary)", highlight=False, soft_wrap=True)

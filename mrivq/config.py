@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mrivq.errors import MrivqError
+from mrivq.limits import read_yaml_file
 from mrivq.paths import configs_dir
 
 
@@ -26,14 +27,9 @@ def list_presets() -> list[str]:
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MrivqError(f"{what} {path} does not exist; check the path") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise MrivqError(f"{what} {path} is not valid YAML{where}; fix the file") from None
+    if not path.exists():
+        raise MrivqError(f"{what} {path} does not exist; check the path")
+    data = read_yaml_file(path, f"{what} {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from mrivq import data as D
 from mrivq.errors import MrivqError
 from mrivq.io import save_nifti
+from mrivq.limits import check_npz
 from mrivq.loop import resolve_device
 from mrivq.runs import Run, load_run, write_json
 
@@ -87,10 +89,12 @@ def _unbatch(y: torch.Tensor, ctx: dict, r: Run) -> torch.Tensor:
     return D.slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
 
 
-def check_output(output: Path, *inputs: Path, overwrite: bool = False) -> Path:
+def check_output(output: Path, *inputs: Path, overwrite: bool = False, run: Path | None = None,
+                 suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse, before any work, an output that would destroy something: the input itself (``-o IN``), a
-    directory, a device, a FIFO or any other non-regular file, or (without ``overwrite``) an existing
-    file; its folder must exist."""
+    file of the run folder (its checkpoints, run.json), a directory, a device, a FIFO or any other
+    non-regular file, or (without ``overwrite``) an existing file; its folder must exist, and its name
+    end in one of ``suffixes`` when given."""
     output = Path(output)
     if output.exists() or output.is_symlink():
         if not output.is_file():
@@ -98,17 +102,25 @@ def check_output(output: Path, *inputs: Path, overwrite: bool = False) -> Path:
         for src in inputs:
             if Path(src).exists() and output.resolve() == Path(src).resolve():
                 raise MrivqError(f"output {output} is the input; name another output file")
+        if run is not None:
+            from mrivq.runs import resolve_run
+
+            home = resolve_run(run).resolve()
+            if output.resolve().is_relative_to(home):
+                raise MrivqError(f"output {output} is a file of run {home.name}; name a file outside the run folder")
         if not overwrite:
             raise MrivqError(f"output {output} already exists; pass --overwrite to replace it")
     if not output.parent.is_dir():
         raise MrivqError(f"output folder {output.parent} does not exist; create it first")
+    if suffixes and not output.name.lower().endswith(suffixes):
+        raise MrivqError(f"output {output} must end in {' or '.join(suffixes)}")
     return output
 
 
 def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto",
                 overwrite: bool = False) -> dict:
     """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
-    output = check_output(output, image, overwrite=overwrite)
+    output = check_output(output, image, overwrite=overwrite, run=run, suffixes=(".npz",))
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
@@ -136,19 +148,32 @@ def _jsonable(o: Any) -> Any:
 def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto",
                 overwrite: bool = False) -> dict:
     """Decode a codes ``.npz`` into a NIfTI in the original image's geometry."""
-    output = check_output(output, codes, overwrite=overwrite)
+    output = check_output(output, codes, overwrite=overwrite, run=run)
     r, dev = _load(run, device)
+    if not Path(codes).exists():
+        raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`")
+    check_npz(Path(codes), "codes file")  # declared sizes, before anything is decompressed
     try:
         with np.load(codes, allow_pickle=False) as z:
-            idx = torch.from_numpy(z["indices"].astype(np.int64))
+            raw = z["indices"]
             ctx = json.loads(str(z["ctx"]))
             sha = str(z["vqvae_sha256"])
-    except FileNotFoundError:
-        raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`") from None
-    except (KeyError, ValueError, OSError):
+            model_shape = tuple(int(s) for s in z["model_shape"])
+    except (KeyError, ValueError, OSError, TypeError, EOFError, zipfile.BadZipFile):
         raise MrivqError(f"{codes} is not a codes file written by `mrivq encode`") from None
+    if not isinstance(ctx, dict):
+        raise MrivqError(f"{codes} is not a codes file written by `mrivq encode`")
+    if raw.dtype.kind not in "iu":
+        raise MrivqError(f"{codes} holds {raw.dtype} code indices; codes are integers (write them with "
+                         "`mrivq encode`)")
+    idx = torch.from_numpy(raw.astype(np.int64))
     if not ctx.get("_sliced"):
         idx = idx[None]
+    f = r.vqvae.downsample_factor
+    want = tuple(m // f for m in model_shape)
+    if tuple(idx.shape[1:]) != want:
+        raise MrivqError(f"{codes} holds a {'x'.join(map(str, idx.shape[1:]))} code grid but its own "
+                         f"geometry needs {'x'.join(map(str, want))}; the file was edited or damaged")
     if sha != r.checkpoints["vqvae"]:
         raise MrivqError(f"{codes} was encoded by another VQ-VAE checkpoint than run {r.path.name}'s; "
                          f"decode with the run that encoded it")
@@ -164,7 +189,7 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
 def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto",
                      overwrite: bool = False) -> dict:
     """Encode and decode ``image``; the output has its shape, affine and intensity scale."""
-    output = check_output(output, image, overwrite=overwrite)
+    output = check_output(output, image, overwrite=overwrite, run=run)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
@@ -181,7 +206,7 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
     from mrivq.sampling import log_likelihood
 
-    output = check_output(output, image, overwrite=overwrite)
+    output = check_output(output, image, overwrite=overwrite, run=run)
     r, dev = _load(run, device, need_prior=True)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():

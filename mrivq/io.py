@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from mrivq import limits
 from mrivq.atomic import atomic_write_bytes
 from mrivq.errors import ImageReadError
 
@@ -45,19 +46,50 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> tuple
         raise ImageReadError(f"{p}: no such file or folder; check the path (or fetch the dataset again)")
     if p.is_dir():
         arr, affine, _ = read_dicom_series(p, series_uid=series_uid)
-        return arr, affine
+        return checked_volume(p, arr, affine)
     name = p.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
-        return _read_nifti(p)
+        return checked_volume(p, *_read_nifti(p))
     if name.endswith(ANALYZE_SUFFIXES):
-        return _read_analyze(p)
+        return checked_volume(p, *_read_analyze(p))
+    limits.regular_file(p)
     ds = _try_dicom_header(p)
     if ds is not None:
         uid = series_uid or str(getattr(ds, "SeriesInstanceUID", "") or "") or None
         arr, affine, _ = read_dicom_series(p.parent, series_uid=uid)
-        return arr, affine
+        return checked_volume(p, arr, affine)
     raise ImageReadError(f"{p}: not a NIfTI (.nii/.nii.gz), Analyze (.hdr/.img) or DICOM image; "
                          "pass an image file or a folder holding one DICOM series")
+
+
+def checked_volume(p: Path, arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse an unusable geometry (a non-finite or singular affine, voxels of zero size) and a volume
+    with no finite voxel; a few NaN/Inf voxels are set to 0 with a warning naming the count, so that
+    they neither spread through the network (one NaN makes the whole output NaN) nor pass silently."""
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all():
+        raise ImageReadError(f"{p}: its affine (voxel-to-world matrix) is not finite; fix the header's "
+                             "qform/sform (e.g. with nibabel or fslorient)")
+    zooms = np.sqrt((aff[:3, :3] ** 2).sum(0))
+    if abs(np.linalg.det(aff[:3, :3])) < 1e-12 or (zooms < 1e-6).any():
+        raise ImageReadError(f"{p}: its affine (voxel-to-world matrix) is singular (voxel sizes "
+                             f"{', '.join(f'{z:.3g}' for z in zooms)} mm); fix the header's qform/sform or "
+                             "pixdim")
+    bad = ~np.isfinite(arr)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if n_bad == arr.size:
+            raise ImageReadError(f"{p}: holds no finite voxel (all {arr.size} are NaN or Inf); check the file")
+        import warnings
+
+        arr = np.where(bad, np.float32(0), arr).astype(np.float32, copy=False)
+        warnings.warn(f"{p}: {n_bad} of {arr.size} voxels are NaN or Inf; they were set to 0",
+                      NonFiniteWarning, stacklevel=2)
+    return arr, aff
+
+
+class NonFiniteWarning(UserWarning):
+    """An input held NaN/Inf voxels that were set to 0."""
 
 
 def _to_channels_last(arr: np.ndarray) -> np.ndarray:
@@ -71,41 +103,61 @@ def _to_channels_last(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
+def _nifti_header(p: Path, head: bytes) -> tuple[Any, Any, int]:
+    """(image class, header, bytes the header says the file holds) from a NIfTI file's first bytes."""
     import nibabel as nib
 
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise ImageReadError(f"{p}: cannot be read ({e.strerror or e}); check its permissions") from None
-    if p.name.lower().endswith(".gz"):
-        # Decompress the whole stream ourselves: gzip checks the CRC and length in the trailer, so a
-        # truncated download fails here rather than loading as a partly zero volume.
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as e:
-            what = "truncated" if isinstance(e, EOFError) else f"not valid gzip ({e})"
-            raise ImageReadError(f"{p}: is {what}; delete it and fetch or copy it again") from None
-    if len(raw) < 4:
+    if len(head) < 4:
         raise ImageReadError(f"{p}: is empty or truncated; delete it and fetch or copy it again")
-    sizeof_hdr = int.from_bytes(raw[:4], "little")
+    sizeof_hdr = int.from_bytes(head[:4], "little")
     if sizeof_hdr not in (348, 540):
-        sizeof_hdr = int.from_bytes(raw[:4], "big")
+        sizeof_hdr = int.from_bytes(head[:4], "big")
     klass = {348: nib.Nifti1Image, 540: nib.Nifti2Image}.get(sizeof_hdr)
     if klass is None:
         raise ImageReadError(f"{p}: is not a NIfTI image (bad header); check that the file is an image")
+    if len(head) < sizeof_hdr:
+        raise ImageReadError(f"{p}: is truncated inside its header; delete it and fetch or copy it again")
     try:
-        hdr = klass.header_class.from_fileobj(io.BytesIO(raw))
-        need = int(hdr.get_data_offset()) + int(np.prod(hdr.get_data_shape(), dtype=np.int64)) \
-            * hdr.get_data_dtype().itemsize
-        if len(raw) < need:
-            raise ImageReadError(f"{p}: is truncated ({len(raw)} of {need} bytes); delete it and fetch "
-                                 "or copy it again")
+        hdr = klass.header_class.from_fileobj(io.BytesIO(head))
+        shape = hdr.get_data_shape()
+        itemsize = hdr.get_data_dtype().itemsize
+        offset = int(hdr.get_data_offset())
+    except Exception as e:  # nibabel raises many kinds (HeaderDataError, ValueError, ...)
+        raise ImageReadError(f"{p}: is not a readable NIfTI image ({_short(e)}); check or replace the "
+                             "file") from None
+    # the float32 array and the raw data both live in memory while the image is converted
+    limits.check_voxels(str(p), shape, itemsize=4 + itemsize, why="its header declares ")
+    return klass, hdr, offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    limits.regular_file(p)
+    try:
+        if p.name.lower().endswith(".gz"):
+            # Decompress only as much as the header declares: gzip checks the CRC and length in the
+            # trailer, so a truncated download fails here rather than loading as a partly zero volume,
+            # and a gzip bomb stops at the declared size.
+            try:
+                with limits.GzipReader(p) as gz:
+                    klass, hdr, need = _nifti_header(p, gz.head(544))
+                    raw = gz.upto(need)
+            except (EOFError, OSError, zlib.error) as e:
+                what = "truncated" if isinstance(e, EOFError) else f"not valid gzip ({_short(e)})"
+                raise ImageReadError(f"{p}: is {what}; delete it and fetch or copy it again") from None
+        else:
+            with open(p, "rb") as f:
+                klass, hdr, need = _nifti_header(p, f.read(544))
+                f.seek(0)
+                raw = f.read(need + limits.GZIP_SLACK)
+    except OSError as e:
+        raise ImageReadError(f"{p}: cannot be read ({e.strerror or e}); check its permissions") from None
+    if len(raw) < need:
+        raise ImageReadError(f"{p}: is truncated ({len(raw)} of {need} bytes); delete it and fetch "
+                             "or copy it again")
+    try:
         img = klass.from_bytes(raw)
         arr = _to_channels_last(np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
-    except ImageReadError:
-        raise
     except Exception as e:  # nibabel raises many kinds (HeaderDataError, ValueError, ...)
         raise ImageReadError(f"{p}: is not a readable NIfTI image ({_short(e)}); check or replace the "
                              "file") from None
@@ -125,15 +177,22 @@ def _read_analyze(p: Path) -> tuple[np.ndarray, np.ndarray]:
         if not cands:
             raise ImageReadError(f"{p}: the Analyze pair is incomplete ({stem}{ext}{gz} is missing); "
                                  "keep the .hdr and .img files together")
+    for q in (p.with_name(stem + ".hdr" + gz), p.with_name(stem + ".img" + gz)):
+        if q.exists():
+            limits.regular_file(q)
     try:
         img = nib.load(str(p))
         hdr = img.header
+        limits.check_voxels(str(p), hdr.get_data_shape(), itemsize=4 + hdr.get_data_dtype().itemsize,
+                            why="its header declares ")
         arr = np.asarray(img.dataobj)  # raises if the .img is shorter than the header says
         need = int(np.prod(hdr.get_data_shape(), dtype=np.int64))
         if arr.size != need:
             raise ValueError("data shorter than the header says")
         arr = _to_channels_last(np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32))
         affine = np.asarray(img.affine, dtype=np.float64)
+    except ImageReadError:
+        raise
     except Exception as e:
         raise ImageReadError(f"{p}: is not a readable Analyze image ({_short(e)}); check that the .hdr/.img "
                              "pair is complete") from None
@@ -349,6 +408,8 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None
     shape = (cols, rows, nz) + ((nvol,) if nvol > 1 else ()) + ((spp,) if spp > 1 else ())
     if nvol > 1 and spp > 1:
         raise ImageReadError(f"{folder}: series {uid} is a colour time series; that is not supported")
+    # the headers' Rows x Columns x images, checked before any pixel data is decoded
+    limits.check_voxels(f"{folder}: series {uid}", shape, itemsize=8, why="its headers declare ")
     out = np.empty(shape, dtype=np.float32)
     cache: dict[Path, np.ndarray] = {}
     for k, g in enumerate(positions):

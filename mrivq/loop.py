@@ -30,7 +30,7 @@ import torch
 from mrivq import distributed as ddp
 from mrivq.errors import MrivqError
 from mrivq.progress import Progress, silent
-from mrivq.runs import load_checkpoint, save_checkpoint
+from mrivq.runs import load_checkpoint, load_weights, save_checkpoint
 
 
 class Interrupted(Exception):
@@ -244,12 +244,15 @@ def run_loop(
     if resume and last_path.is_file():
         # on the CPU: the RNG states must stay CPU tensors; the weights move to the model's device
         ck = load_checkpoint(last_path, map_location="cpu")
-        model.load_state_dict(ck["model"])
+        load_weights(model, ck, last_path)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         if ck.get("scaler") and scaler.is_enabled():  # a run that switches to fp16 starts a fresh scale
             scaler.load_state_dict(ck["scaler"])
         step, best, last_val = ck["step"], ck.get("best"), ck.get("last_val", {})
+        if step > lc.total_steps:
+            raise MrivqError(f"{last_path} is at step {step}, beyond the {lc.total_steps} steps asked for; "
+                             "ask for at least that many steps (or leave --max-steps/--epochs out)")
         if restore_state:  # the counterpart of extra_state (e.g. a discriminator)
             restore_state(ck)
         set_rng_state(ck["rng"])

@@ -17,6 +17,7 @@ from typing import Any
 from mrivq import config as C
 from mrivq.errors import MrivqError, RunError
 from mrivq.runs import new_run_dir, read_config, read_run_info
+from mrivq.schema import validate
 
 #: ``--set`` keys an existing run accepts: they change the schedule's length, logging or speed, not
 #: what is learned from which data (the learning-rate schedule follows the new length).
@@ -74,6 +75,7 @@ def new_run_config(req: TrainRequest, data_root: Path, device_type: str) -> tupl
     cfg["data"]["dims"] = dims
     cfg = C.apply_overrides(cfg, req.overrides or [])
     cfg["preset"] = name
+    validate(cfg)
     return cfg, data_dir
 
 
@@ -109,6 +111,7 @@ def continued_config(run_dir: Path, req: TrainRequest) -> tuple[dict, list[str]]
             shown = ",".join(given) if isinstance(given, list) else given
             was = ",".join(used) if isinstance(used, list) else used
             raise RunError(f"{option} {shown} differs from the run's {was}: a run's {option[2:]} is fixed; {fix}")
+    validate(C.apply_overrides(cfg, req.overrides or []))  # unknown keys and bad values first
     keys = []
     for text in req.overrides or []:
         parts, value = C.parse_override(text)

@@ -14,9 +14,11 @@ Everything here is written write-then-rename so a crash never leaves a half-writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ import yaml
 
 from mrivq import distributed as ddp
 from mrivq.atomic import atomic_write_bytes, atomic_write_text
-from mrivq.errors import RunError
+from mrivq.errors import MrivqError, RunError
 
 RUN_MARKER = "run.json"
 
@@ -67,6 +69,30 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                        f"not an mrivq checkpoint") from None
 
 
+def load_weights(module: torch.nn.Module, ck: dict, path: Path) -> None:
+    """``module.load_state_dict(ck["model"])``, refused in one line when the checkpoint holds no model or
+    another model's weights (a damaged run folder, or a checkpoint copied from another run)."""
+    state = ck.get("model") if isinstance(ck, dict) else None
+    if not isinstance(state, dict):
+        raise RunError(f"checkpoint {path} holds no model weights; the run folder is damaged (train again or "
+                       "restore the file)")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        what = " ".join(str(e).split())[:160]
+        raise RunError(f"checkpoint {path} does not fit the run's model ({what}); it belongs to another run "
+                       "or the run folder is damaged") from None
+
+
+def load_codes(path: Path) -> dict | None:
+    """A run's code cache (``codes/codes.pt``), or None when it is unreadable or not a cache."""
+    try:
+        codes = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated, random bytes, another kind of file: rebuild or refuse where it is used
+        return None
+    return codes if isinstance(codes, dict) and "train" in codes else None
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,6 +116,46 @@ def is_run(path: Path) -> bool:
     return (Path(path) / RUN_MARKER).is_file()
 
 
+LOCK_NAME = ".lock"
+
+
+def check_run_folder(path: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder that holds other files than a run's."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file; choose a folder for the run")
+    if path.is_dir() and not is_run(path):
+        others = sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME)
+        if others:
+            raise RunError(f"--out {path} exists and is not an mrivq run (it holds {', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Hold the run folder's file lock for a training (rank 0 only under torchrun): a second
+    ``mrivq train`` into the same folder is refused at once instead of mixing checkpoints and metrics.
+    The folder is created if needed; one that exists and holds other files than a run's is refused, so
+    that a training never writes into (or over) a user's folder."""
+    from filelock import FileLock, Timeout
+
+    path = Path(path)
+    if not ddp.is_main():
+        yield
+        return
+    check_run_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"{path} is in use by another `mrivq train` (lock {path / LOCK_NAME}); wait for it to "
+                       "finish or choose another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def resolve_run(run: str | Path | None, base: Path = Path("runs")) -> Path:
     """A run folder: the given one (validated), or the most recent run under ``base``."""
     if run is not None:
@@ -107,9 +173,12 @@ def resolve_run(run: str | Path | None, base: Path = Path("runs")) -> Path:
 
 def read_run_info(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / RUN_MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((Path(path) / RUN_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise RunError(f"{path}/{RUN_MARKER} cannot be read; the run folder is damaged") from None
+    if not isinstance(info, dict):
+        raise RunError(f"{path}/{RUN_MARKER} is not a JSON object; the run folder is damaged")
+    return info
 
 
 def update_run_info(path: Path, **fields: Any) -> dict:
@@ -123,10 +192,15 @@ def update_run_info(path: Path, **fields: Any) -> dict:
 
 
 def read_config(path: Path) -> dict:
+    from mrivq.limits import read_yaml_file
+
     try:
-        return yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        raise RunError(f"{path}/config.yaml cannot be read; the run folder is damaged") from None
+        cfg = read_yaml_file(Path(path) / "config.yaml", f"{path}/config.yaml") or {}
+    except MrivqError as e:
+        raise RunError(f"{e}; the run folder is damaged") from None
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}/config.yaml is not a mapping of sections; the run folder is damaged")
+    return cfg
 
 
 def write_config(path: Path, cfg: dict) -> None:
@@ -227,7 +301,7 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
     vq = VQVAE(**info["model_config"]["vqvae"])
     ck_path = checkpoint_path(run_dir, "vqvae", which)
     ck = load_checkpoint(ck_path, map_location=device)
-    vq.load_state_dict(ck["model"])
+    load_weights(vq, ck, ck_path)
     vq.to(device).eval()
     run = Run(run_dir, cfg, info, pre, vq, checkpoints={"vqvae": file_sha256(ck_path)})
     if "prior" in info.get("model_config", {}) and checkpoint_path(run_dir, "prior", which).is_file():
@@ -236,13 +310,14 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
         prior = GatedPixelCNN(**info["model_config"]["prior"])
         p_path = checkpoint_path(run_dir, "prior", which)
         p_ck = load_checkpoint(p_path, map_location=device)
-        trained_on = p_ck.get("vqvae_sha256")  # absent in checkpoints from before it was recorded
+        # absent in checkpoints from before it was recorded
+        trained_on = p_ck.get("vqvae_sha256") if isinstance(p_ck, dict) else None
         best = checkpoint_path(run_dir, "vqvae", "best")
         best_sha = run.checkpoints["vqvae"] if best == ck_path else file_sha256(best)  # hashed once
         if trained_on is not None and trained_on != best_sha:
             raise RunError(f"{run_dir}: the prior was trained on the codes of another VQ-VAE checkpoint; train it "
                            f"again with `mrivq train --stage prior --run {run_dir}`")
-        prior.load_state_dict(p_ck["model"])
+        load_weights(prior, p_ck, p_path)
         run.prior = prior.to(device).eval()
         run.checkpoints["prior"] = file_sha256(p_path)
     elif need_prior:

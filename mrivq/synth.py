@@ -20,7 +20,7 @@ from mrivq import data as D
 from mrivq.errors import MrivqError
 from mrivq.loop import resolve_device
 from mrivq.progress import Progress, silent
-from mrivq.runs import codes_path, load_run, write_json
+from mrivq.runs import codes_path, load_codes, load_run, write_json
 
 PRIORS = ("pixelcnn", "marginal", "uniform")
 # Code grids are sampled ``batch_size`` at a time (the cached sampler's cost per position is mostly
@@ -41,7 +41,10 @@ def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
     if not cache.is_file():
         raise MrivqError(f"run {r.path.name} has no training code cache ({cache}); train the prior stage "
                          f"(`mrivq train --stage prior --run {r.path}`) to write it")
-    codes = torch.load(cache, map_location="cpu", weights_only=True)
+    codes = load_codes(cache)
+    if codes is None:
+        raise MrivqError(f"{cache} cannot be read (damaged); rerun `mrivq train --stage prior --run {r.path}` to "
+                         "write it again")
     if codes.get("vqvae_sha256") != r.checkpoints["vqvae"]:
         raise MrivqError(f"{cache} was encoded by another VQ-VAE checkpoint; rerun `mrivq train --stage prior "
                          f"--run {r.path}` to refresh it")
@@ -101,6 +104,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         raise MrivqError(f"--batch-size {batch_size} must be at least 1")
     if top_k is not None and top_k < 1:
         raise MrivqError(f"--top-k {top_k} must be at least 1")
+    from mrivq.limits import max_image_bytes
+
     if prior not in PRIORS:
         raise MrivqError(f"--prior {prior!r} is not one of {', '.join(PRIORS)}")
     if prior != "pixelcnn" and (cls is not None or covariates):
@@ -116,47 +121,98 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     elif n_classes is not None:  # conditional prior and no class asked for: cycle through classes
         class_ids = torch.arange(count, device=dev) % n_classes
     cond, cov_values = r.condition(class_ids, covariates, count, dev)
+    need = count * math.prod(r.latent_shape) * 16  # the sampler's uniforms and tokens, 8 bytes each
+    if need > max_image_bytes():
+        raise MrivqError(f"--count {count} needs {need / 1e9:.3g} GB for its random numbers and codes, above the "
+                         f"{max_image_bytes() / 1e9:.3g} GB budget; synthesize in several calls (--seed S --out "
+                         "DIR each) or raise MRIVQ_MAX_IMAGE_GB")
     out_dir = Path(out_dir)
     planned = _outputs(out_dir, count, dims)
-    extra = [out_dir / f"synth_{i:04d}{e}" for i in range(count) for e in ((".png", ".json") if dims == 3
-                                                                           else (".json",))]
-    _check_out_dir(out_dir, planned + extra + ([out_dir / "grid.png"] if dims == 2 else []), overwrite)
+    prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
+            "temperature": temperature, "top_k": top_k, "prior": prior,
+            "sampler": ("cached" if cached else "reference") if prior == "pixelcnn" else "independent"}
+
+    def sidecar_of(i: int) -> dict:
+        c = None if class_ids is None else int(class_ids[i])
+        return {**prov, "index": i, "class": c, "covariates": cov_values or None,
+                "class_name": r.class_names[c] if c is not None and r.class_names else None}
+
+    files = [[planned[i]] + ([out_dir / f"synth_{i:04d}.png"] if dims == 3 else []) + [out_dir / f"synth_{i:04d}.json"]
+             for i in range(count)]
+    done = set() if overwrite else {i for i in range(count) if _complete(files[i], sidecar_of(i))}
+    marker = out_dir / INPROGRESS
+    ours = _read_json(marker) == {**prov, "count": count}  # an interrupted run of this same command
+    todo = [i for i in range(count) if i not in done]
+    _check_out_dir(out_dir, [p for i in todo for p in files[i]] + ([out_dir / "grid.png"] if dims == 2 else []),
+                   overwrite or ours)
+    if done:
+        progress.note(f"{len(done)} of {count} samples are already complete in {out_dir}; writing the other "
+                     f"{len(todo)}")
+    write_json(marker, {**prov, "count": count})
     if prior == "pixelcnn":
         tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
                                cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
     else:
         tokens = sample_independent(_baseline_logits(r, prior), count, temperature=temperature, top_k=top_k,
                                     seed=seed)
-    images, previews, sidecars = [], [], []
-    decoded = []
-    with torch.no_grad(), progress.task("decode", total=count, unit="sample") as bar:
+    decoded: dict[int, np.ndarray] = {}
+    with torch.no_grad(), progress.task("decode", total=len(todo), unit="sample") as bar:
         for s in range(0, count, DECODE_BATCH):
+            ids = [i for i in range(s, min(s + DECODE_BATCH, count)) if i not in done]
+            if not ids:
+                continue
+            # the whole batch, as a run from scratch decodes it: a sample's float rounding (and so its
+            # bytes) does not depend on which of its neighbours an earlier run finished
             x = r.vqvae.decode_indices(tokens[s:s + DECODE_BATCH].to(dev)).float().clamp(0, 1).cpu().numpy()
-            decoded.extend(list(x))
-            bar.advance(len(x))
-    prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
-            "temperature": temperature, "top_k": top_k, "prior": prior,
-            "sampler": ("cached" if cached else "reference") if prior == "pixelcnn" else "independent"}
-    for i, x in enumerate(decoded):
-        path = planned[i]
-        c = None if class_ids is None else int(class_ids[i])
-        if dims == 3:
-            affine = D.synth_geometry(r.preprocess, x.shape[1:])
-            vol = D.to_intensity(x, _intensity(r, c))
-            save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, path)
-            png = out_dir / f"synth_{i:04d}.png"
-            save_png(montage([x]), png)
-            previews.append(str(png))
-        else:
-            img = np.moveaxis(x, 0, -1) if x.shape[0] == 3 else x[0]
-            save_png(img, path)
-        side = out_dir / f"synth_{i:04d}.json"
-        write_json(side, {**prov, "index": i, "class": c, "covariates": cov_values or None,
-                          "class_name": r.class_names[c] if c is not None and r.class_names else None})
-        images.append(str(path))
-        sidecars.append(str(side))
+            for i in ids:
+                xi = x[i - s]
+                # each sample is written whole before the next (its sidecar last: the mark of a
+                # complete sample), so an interruption keeps every finished one
+                side = sidecar_of(i)
+                if dims == 3:
+                    affine = D.synth_geometry(r.preprocess, xi.shape[1:])
+                    vol = D.to_intensity(xi, _intensity(r, side["class"]))
+                    save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, planned[i])
+                    save_png(montage([xi]), files[i][1])
+                else:
+                    save_png(np.moveaxis(xi, 0, -1) if xi.shape[0] == 3 else xi[0], planned[i])
+                    decoded[i] = xi
+                write_json(files[i][-1], side)
+            bar.advance(len(ids))
+    images = [str(p) for p in planned]
+    sidecars = [str(f[-1]) for f in files]
+    previews = [str(f[1]) for f in files] if dims == 3 else []
     if dims == 2:
         g = out_dir / "grid.png"
-        save_png(grid(decoded), g)
+        if done:  # the grid shows every sample: decode again the ones an earlier run wrote (cheap in 2D)
+            ids = sorted(done)
+            with torch.no_grad():
+                x = r.vqvae.decode_indices(tokens[ids].to(dev)).float().clamp(0, 1).cpu().numpy()
+            decoded.update(zip(ids, x, strict=True))
+        save_png(grid([decoded[i] for i in range(count)]), g)
         previews.append(str(g))
-    return {"images": images, "previews": previews, "sidecars": sidecars}
+    marker.unlink(missing_ok=True)
+    return {"images": images, "previews": previews, "sidecars": sidecars, "skipped": len(done)}
+
+
+INPROGRESS = ".synth-in-progress.json"
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _complete(paths: list[Path], sidecar: dict) -> bool:
+    """A sample an earlier run of the same command finished: every file there, the sidecar equal."""
+    return all(p.is_file() for p in paths) and _read_json(paths[-1]) == json_roundtrip(sidecar)
+
+
+def json_roundtrip(d: dict) -> Any:
+    import json
+
+    return json.loads(json.dumps(d))

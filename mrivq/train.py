@@ -24,6 +24,7 @@ from mrivq.runconfig import TrainRequest, continued_config
 from mrivq.runs import (
     is_run,
     read_run_info,
+    run_lock,
     update_run_info,
     write_config,
 )
@@ -214,15 +215,27 @@ def train_run(
     resumed run is the same run, and ``request`` (what the command line gave again) is checked against
     it: its resumable ``--set`` keys apply, anything else that differs is refused.
     """
-    progress = progress or silent()
-    dev = resolve_device(device)
     if stage not in ("all", "vqvae", "prior"):
         raise MrivqError(f"--stage {stage!r} is not one of all, vqvae, prior")
     for option, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--prior-max-steps", prior_max_steps)):
         if value is not None and value < 1:
             raise MrivqError(f"{option} {value} must be at least 1")
+    if (resume or stage == "prior") and not ddp.broadcast(is_run(run_dir)):
+        raise RunError(f"{run_dir} is not an mrivq run (no run.json); pass a folder made by `mrivq train`")
+    with run_lock(run_dir):
+        return _train_locked(cfg, data_dir, run_dir, stage, resume, resolve_device(device), max_steps, epochs,
+                             prior_max_steps, progress or silent(), meta, request)
+
+
+def _train_locked(cfg: dict | None, data_dir: Path | None, run_dir: Path, stage: str, resume: bool,
+                  dev: torch.device, max_steps: int | None, epochs: int | None, prior_max_steps: int | None,
+                  progress: Progress, meta: dict | None, request: TrainRequest | None) -> dict:
     existing = ddp.broadcast(is_run(run_dir))  # rank 0's view: it is the one that creates the folder
     if existing and not resume and stage != "prior":
+        if not any((run_dir / "checkpoints").glob("*.pt")):
+            raise RunError(f"{run_dir} holds a run that never completed a step (stopped while preparing "
+                           "the data?); continue it with --resume (it starts from the beginning) or choose "
+                           "another --out")
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if (resume or stage == "prior") and not existing:
         raise RunError(f"{run_dir} is not an mrivq run (no run.json); pass a folder made by `mrivq train`")
@@ -240,6 +253,12 @@ def train_run(
         update_run_info(run_dir, created=time.strftime("%Y-%m-%dT%H:%M:%S"), data_dir=str(data_dir),
                         **(meta or {}))
         ddp.barrier()
+    trained = read_run_info(run_dir).get("stages", {}) if existing else {}
+    for option, value, st in (("--max-steps", max_steps, "vqvae"), ("--prior-max-steps", prior_max_steps, "prior")):
+        have = trained.get(st, {}).get("steps") or 0
+        if value is not None and value < have:
+            raise RunError(f"{option} {value} is fewer than the {have} steps the run's {st} has already "
+                           f"trained; pass at least {have} (or leave it out)")
     if max_steps is not None:
         cfg.setdefault("train", {})["max_steps"] = max_steps
     if epochs is not None:

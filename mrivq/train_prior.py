@@ -23,6 +23,8 @@ from mrivq.runs import (
     codes_path,
     file_sha256,
     load_checkpoint,
+    load_codes,
+    load_weights,
     read_run_info,
     save_checkpoint,
     update_run_info,
@@ -37,7 +39,7 @@ def encode_split(run_dir: Path, split: Any, device: torch.device, progress: Prog
         codes = _encode_split(run_dir, split, device, progress)
     ddp.barrier()
     if not ddp.is_main():
-        codes = torch.load(codes_path(run_dir), map_location="cpu", weights_only=True)
+        codes = load_codes(codes_path(run_dir))
     return codes
 
 
@@ -49,13 +51,13 @@ def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Pro
     sha = file_sha256(ck_path)
     cache = codes_path(run_dir)
     if cache.is_file():
-        codes = torch.load(cache, map_location="cpu", weights_only=True)
-        if codes.get("vqvae_sha256") == sha and "train_subjects" in codes:
+        codes = load_codes(cache)  # None when unreadable: encoded again below
+        if codes is not None and codes.get("vqvae_sha256") == sha and "train_subjects" in codes:
             return codes
     info = read_run_info(run_dir)
     model = build_vqvae({"data": {"dims": split.pre.dims}, "model": info["model_config"]["vqvae"]},
                         info["in_channels"]).to(device)
-    model.load_state_dict(load_checkpoint(ck_path, map_location=device)["model"])
+    load_weights(model, load_checkpoint(ck_path, map_location=device), ck_path)
     model.eval()
     out: dict = {"vqvae_sha256": sha}
     for name, ds in (("train", split.train), ("val", split.val)):

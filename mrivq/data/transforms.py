@@ -69,7 +69,38 @@ class LoadSourcesd(MapTransform):
             d["channels_last"] = bool(had_ch)
             d["orig_shape"] = [int(s) for s in ref_shape]
             d["orig_affine"] = np.asarray(ref_aff, dtype=np.float64).tolist()
+            d["source_name"] = str(sources[0].get("path", sources[0].get("index", "")))
         return d
+
+
+class CheckGeometryd(MapTransform):
+    """Refuse, before any resampling, what a volumetric run cannot use: a 3D run given a 2D image or
+    a single slice, and a volume whose resampled grid would exceed the memory budget (a header
+    with 500 mm voxels resamples to thousands of voxels per axis)."""
+
+    def __init__(self, pre: Preprocess, keys: str = "image") -> None:
+        super().__init__(keys)
+        self.pre = pre
+
+    def __call__(self, data: dict) -> dict:
+        from mrivq import limits
+
+        for key in self.key_iterator(data):
+            img = data[key]
+            name = data.get("source_name") or "the input"
+            shape = tuple(int(s) for s in img.shape[1:])
+            if self.pre.dims == 3 and (len(shape) != 3 or min(shape) < 2):
+                raise ImageReadError(f"{name}: is a 2D image or a single slice ({'x'.join(map(str, shape))} "
+                                     "voxels) but the run is 3D; pass a volume (a whole DICOM series or a 3D "
+                                     "NIfTI)")
+            pixdim = _volumetric_pixdim(self.pre)
+            if pixdim is None:
+                continue
+            aff = np.asarray(img.affine, dtype=np.float64)
+            zooms = np.sqrt((aff[:3, :3] ** 2).sum(0))
+            out = [n if t <= 0 else int(np.ceil(n * z / t)) for n, z, t in zip(shape, zooms, pixdim, strict=False)]
+            limits.check_voxels(name, [img.shape[0], *out], why=f"resampled to {pixdim} mm it would be ")
+        return data
 
 
 class ScalePercentilesd(MapTransform, InvertibleTransform):
@@ -175,6 +206,7 @@ def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, ba
     key selection and (2D model on volumes) central-slice extraction."""
     ts: list = [LoadSourcesd("image", base=str(base) if base else None)]
     if volumetric:
+        ts.append(CheckGeometryd(pre))
         ts.append(Orientationd("image", axcodes=pre.orientation.upper(), labels=_RAS_LABELS))
         pixdim = _volumetric_pixdim(pre)
         if pixdim is not None:
