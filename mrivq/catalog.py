@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -310,6 +310,14 @@ def get_card(name_or_path: str | os.PathLike) -> Card:
         if card.name == s:
             return card
     raise CardError(f"unknown dataset '{s}'; run `mrivq datasets` to list them or pass a card file")
+
+
+def rename_card(card: Card, name: str) -> Card:
+    """``card`` fetched into another folder name (``fetch --name``, ``phantom --lesions``)."""
+    if not _SLUG.match(name):
+        raise CardError(f"dataset name {name!r} must be lowercase letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return replace(card, name=name)
 
 
 # ----------------------------------------------------------------------------------- on disk

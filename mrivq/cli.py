@@ -112,14 +112,23 @@ def fetch(
         None, "--shape", help="phantom: volume shape X Y Z (default 64 64 64)."),
     spacing: float | None = typer.Option(None, "--spacing", help="phantom: voxel size in mm (default 3)."),
     seed: int | None = typer.Option(None, "--seed", help="phantom: random seed (default 0)."),
+    lesions: bool = typer.Option(False, "--lesions", help="phantom: insert one lesion per subject (tumour, "
+                                 "white-matter hyperintensities, artefact) with its mask; into phantom-lesions."),
+    as_name: str | None = typer.Option(None, "--name", help="Folder name under the root (default: the "
+                                       "dataset's name; phantom-lesions with --lesions)."),
 ) -> None:
     """Download (or copy with --from), verify and lay out a dataset; writes manifest.csv."""
-    from mrivq.catalog import get_card
+    from mrivq.catalog import get_card, rename_card
     from mrivq.fetch import fetch as do_fetch
 
     card = get_card(name)
+    if lesions and card.access != "builtin":
+        raise MrivqError(f"--lesions is for generated datasets such as phantom, not {card.name}")
+    if as_name or lesions:
+        card = rename_card(card, as_name or f"{card.name}-lesions")
     r = resolve_root(root)
-    opts = {"count": count, "shape": tuple(shape) if shape else None, "spacing": spacing, "seed": seed}
+    opts = {"count": count, "shape": tuple(shape) if shape else None, "spacing": spacing, "seed": seed,
+            "lesions": lesions}
     with Progress() as prog:
         res = do_fetch(card, r, modalities=modality or None, mirror=mirror, from_path=from_path,
                        progress=prog, builtin_options=opts if card.access == "builtin" else None)
@@ -226,13 +235,29 @@ def eval_(
                                         "medicalnet:PATH (MedicalNet ResNet weights you supply)."),
     json_out: Path | None = typer.Option(None, "--json", help="Realism: where to write the JSON "
                                          "(default: realism.json in the samples folder)."),
+    anomaly: bool = typer.Option(False, "--anomaly", help="Anomaly detection: heal every subject of --dataset "
+                                 "and measure the maps against its lesion masks."),
+    dataset: str | None = typer.Option(None, "--dataset", help="Anomaly: NAME[:val|train|all] of a dataset "
+                                       "with lesion masks (default phantom-lesions:val)."),
+    threshold: float = typer.Option(0.01, "--threshold", help="Anomaly: healing's code probability threshold."),
+    resamples: int = typer.Option(4, "--resamples", help="Anomaly: healed versions averaged."),
     root: Path | None = RootOpt,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Realism: replace an existing --json file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
-    """Reconstruction metrics on a split (eval_<split>.json), or with --samples how real the samples are."""
+    """Reconstruction metrics on a split (eval_<split>.json); with --samples how real the samples are;
+    with --anomaly how well healing finds lesions."""
+    if samples is not None and anomaly:
+        raise MrivqError("--samples and --anomaly are separate evaluations; pass one")
     if samples is not None:
         return _eval_realism(run, samples, real, train_set, features, json_out, root, device, overwrite)
+    if anomaly:
+        from mrivq.heal import HealOptions
+
+        return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(threshold=threshold,
+                             resamples=resamples).validate(), json_out, root, device, overwrite)
+    if dataset is not None:
+        raise MrivqError("--dataset goes with --anomaly")
     from mrivq.infer import evaluate
 
     res = evaluate(run, split=split, device=device)
@@ -268,6 +293,37 @@ _REALISM_ROWS = [
     ("tissue_z", "largest |mean tissue fraction - real| / real SD", None, ""),
     ("fid", "FID", None, ""),
 ]
+
+
+def _eval_anomaly(run: Path | None, dataset: str, opts, json_out: Path | None, root: Path | None,  # noqa: ANN001
+                  device: str, overwrite: bool) -> None:
+    from mrivq.evaluate.detect import METHODS, evaluate_anomaly
+
+    with Progress() as prog:
+        res = evaluate_anomaly(run, dataset, root=root, opts=opts, json_out=json_out, device=device,
+                               progress=prog, overwrite=overwrite)
+    m = res["metrics"]
+
+    def num(v: float | None) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+
+    t = Table(title=f"anomaly: {m['n_subjects']} subjects of {m['dataset']}:{m['split']} "
+                    f"(threshold from {m['n_calibration']} others)")
+    for c in ("method", "AUPRC", "AUROC", "best Dice", "Dice at threshold"):
+        t.add_column(c)
+    for meth in METHODS:
+        p = m["methods"][meth]["pooled"]
+        t.add_row(meth, num(p["auprc"]), num(p["auroc"]), num(p["best_dice"]), num(p.get("dice")))
+    out.print(t)
+    for group in ("kinds", "sizes"):
+        t = Table(title=f"healed, per lesion {group[:-1]}")
+        for c in (group[:-1], "subjects", "AUPRC", "best Dice", "residual AUPRC"):
+            t.add_column(c)
+        for k, p in m["methods"]["healed"][group].items():
+            base = m["methods"]["residual"][group][k]
+            t.add_row(k, str(p["n_subjects"]), num(p["auprc"]), num(p["best_dice"]), num(base["auprc"]))
+        out.print(t)
+    out.print(f"wrote {res['path']} and pictures in {res['pictures']}")
 
 
 def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
@@ -395,20 +451,48 @@ def synth(
 @app.command()
 def score(
     image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output NLL map (.nii.gz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output map (.nii.gz): the NLL map, or with "
+                                "--heal the anomaly map."),
     run: Path | None = RunOpt,
     class_: str | None = typer.Option(None, "--class", help="Class (id or name, e.g. HH or t2) for a "
                                       "class-conditional prior."),
     covariate: list[str] = CovariateOpt,
+    heal: bool = typer.Option(False, "--heal", help="Anomaly map by healing (Pinaya et al. 2022): redraw "
+                              "unlikely codes from the prior, decode, residual where codes were redrawn."),
+    healed: Path | None = typer.Option(None, "--healed", help="--heal: where the healed volume goes "
+                                       "(default: beside -o as NAME_healed.nii.gz; the NLL map goes to NAME_nll)."),
+    threshold: float = typer.Option(0.01, "--threshold", help="--heal: redraw codes whose probability under "
+                                    "the prior is below this."),
+    resamples: int = typer.Option(4, "--resamples", help="--heal: healed versions averaged."),
+    brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
+                                           "geometry; the maps are zero outside it."),
+    background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "
+                                     "a voxel is background."),
+    erode: int = typer.Option(1, "--erode", help="--heal: voxels taken off the head's edge."),
+    seed: int = typer.Option(0, "--seed", help="--heal: random seed of the redraws."),
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Negative log-likelihood of each code under the prior, in the input's geometry."""
-    from mrivq.infer import score_file
+    """Negative log-likelihood of each code under the prior, in the input's geometry; with --heal an
+    anomaly map, the healed volume and the NLL map."""
+    from mrivq.infer import heal_file, score_file
 
-    res = score_file(run, image, output, device=device, cls=class_, covariates=_covariates(covariate),
-                     overwrite=overwrite)
-    out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
+    if not heal:
+        if healed is not None or brain_mask is not None:
+            raise MrivqError("--healed and --brain-mask go with --heal")
+        res = score_file(run, image, output, device=device, cls=class_, covariates=_covariates(covariate),
+                         overwrite=overwrite)
+        out.print(f"mean NLL {res['mean_nll']:.4f} nats/code; wrote {output}")
+        return
+    from mrivq.heal import HealOptions
+
+    opts = HealOptions(threshold=threshold, resamples=resamples, background=background, erode=erode,
+                       seed=seed).validate()
+    with Progress() as prog:
+        res = heal_file(run, image, output, opts, healed=healed, brain=brain_mask, device=device, cls=class_,
+                        covariates=_covariates(covariate), overwrite=overwrite, progress=prog)
+    out.print(f"redrew {100 * res['resampled']:.1f}% of codes; anomaly max {res['max']:.3f}; wrote {output}, "
+              f"{res['healed']} and {res['nll']}")
 
 
 @app.command()

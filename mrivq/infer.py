@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mrivq import data as D
+from mrivq.atomic import new_file_mode
 from mrivq.errors import MrivqError
 from mrivq.io import save_nifti
 from mrivq.limits import check_npz
@@ -65,7 +66,7 @@ def _prepare(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict
     A 2D run given a volume encodes it slice by slice along ``preprocess.slice_axis`` (B = slices);
     :func:`_unbatch` puts the slices back together before the geometry is restored.
     """
-    x, ctx = D.preprocess_file(Path(image), r.preprocess)
+    x, ctx = D.preprocess_file(image if isinstance(image, (list, tuple)) else Path(image), r.preprocess)
     x = torch.as_tensor(x).float()
     want = int(r.info.get("in_channels", x.shape[0]))
     dims = r.preprocess.dims
@@ -128,6 +129,7 @@ def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto
     if not ctx.get("_sliced"):
         idx = idx[0]
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=output.parent)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         np.savez_compressed(tmp, indices=idx.astype(np.int32), ctx=np.array(json.dumps(ctx, default=_jsonable)),
@@ -200,6 +202,20 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
 
+def _prior_cond(r: Run, b: int, cls: str | int | None, covariates: dict[str, float] | None,
+                dev: torch.device) -> tuple[Any, dict[str, float]]:
+    """The prior's condition for a batch of ``b`` code grids of one input (``--class``, covariates)."""
+    cond = None
+    n_classes = getattr(r.prior, "num_classes", None)
+    cls_id = r.class_id(cls)
+    if n_classes is not None:
+        if cls_id is None:
+            known = ", ".join(r.class_names or []) or f"0..{n_classes - 1}"
+            raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class ({known})")
+        cond = torch.full((b,), cls_id, dtype=torch.long, device=dev)
+    return r.condition(cond, covariates, b, dev)
+
+
 def score_file(run: Path | None, image: Path, output: Path, device: str = "auto",
                cls: str | int | None = None, covariates: dict[str, float] | None = None,
                overwrite: bool = False) -> dict:
@@ -211,18 +227,91 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x)
-        cond = None
-        n_classes = getattr(r.prior, "num_classes", None)
-        cls_id = r.class_id(cls)
-        if n_classes is not None:
-            if cls_id is None:
-                known = ", ".join(r.class_names or []) or f"0..{n_classes - 1}"
-                raise MrivqError(f"run {r.path.name} has a class-conditional prior; pass --class ({known})")
-            cond = torch.full((idx.shape[0],), cls_id, dtype=torch.long, device=dev)
-        cond, cov_values = r.condition(cond, covariates, idx.shape[0], dev)
+        cond, cov_values = _prior_cond(r, idx.shape[0], cls, covariates, dev)
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)
     arr, affine = D.restore(_unbatch(up, ctx, r), ctx, intensity=False)
     save_nifti(arr, affine, output)
     return {"path": str(output), "mean_nll": float(nll.mean()), "covariates": cov_values or None}
+
+
+def load_mask(path: Path, shape: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
+    """A binary mask (NIfTI, nonzero = inside) that must have the input's ``shape`` and not be empty."""
+    from mrivq.io import load_volume
+
+    path = Path(path)
+    if not path.is_file():
+        raise MrivqError(f"{what} {path} does not exist; pass a NIfTI mask in the input's geometry")
+    m = np.asarray(load_volume(path)[0])
+    m = m.reshape(m.shape[:3]) if m.ndim > 3 and all(s == 1 for s in m.shape[3:]) else m
+    if tuple(m.shape) != tuple(shape):
+        raise MrivqError(f"{what} {path} is {'x'.join(map(str, m.shape))} but the input is "
+                         f"{'x'.join(map(str, shape))}; pass a mask in the input's geometry")
+    m = m > 0
+    if not m.any():
+        raise MrivqError(f"{what} {path} is empty (no nonzero voxel); pass a mask of the brain")
+    return m
+
+
+def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *, cls: str | int | None = None,
+               covariates: dict[str, float] | None = None, brain: Path | np.ndarray | None = None,
+               progress: Any = None) -> dict[str, Any]:
+    """:func:`mrivq.heal.heal` on one input, mapped back to the input's geometry: ``anomaly``,
+    ``recon_residual``, ``nll`` and ``healed`` arrays (zero outside ``brain`` when given), ``affine``,
+    and ``resampled`` (the fraction of codes redrawn)."""
+    from mrivq.heal import heal
+
+    x, ctx = _prepare(r, image, dev)
+    cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
+    res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress)
+    out: dict[str, Any] = {}
+    for key in ("anomaly", "recon_residual", "nll"):
+        out[key], affine = D.restore(_unbatch(res[key], ctx, r), ctx, intensity=False)
+    out["healed"], _ = D.restore(_unbatch(res["healed"], ctx, r), ctx)
+    head, _ = D.restore(_unbatch(res["head"], ctx, r), ctx, intensity=False)
+    out["head"] = head > 0.5
+    if brain is not None:
+        inside = load_mask(brain, out["anomaly"].shape[:3]) if not isinstance(brain, np.ndarray) else brain
+        for key in ("anomaly", "recon_residual", "nll"):
+            out[key] = np.where(inside, out[key], 0).astype(np.float32)
+    out.update(affine=affine, resampled=float(res["resampled"].float().mean()),
+               covariates=cov_values or None)
+    return out
+
+
+def beside(output: Path, tag: str) -> Path:
+    """``map.nii.gz`` -> ``map_<tag>.nii.gz`` (same folder, same NIfTI suffix)."""
+    name = Path(output).name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return Path(output).with_name(f"{name[:-len(suf)]}_{tag}{name[-len(suf):]}")
+    return Path(output).with_name(f"{name}_{tag}.nii.gz")
+
+
+def heal_file(run: Path | None, image: Path, output: Path, opts: Any, *, healed: Path | None = None,
+              brain: Path | None = None, device: str = "auto", cls: str | int | None = None,
+              covariates: dict[str, float] | None = None, overwrite: bool = False,
+              progress: Any = None) -> dict:
+    """``score --heal``: the anomaly map at ``output``; the healed volume (``healed``, default
+    ``<output>_healed``) and the NLL map (``<output>_nll``) beside it, all in the input's geometry."""
+    from mrivq.io import NIFTI_SUFFIXES
+
+    opts.validate()
+    healed = Path(healed) if healed is not None else beside(output, "healed")
+    nll_path = beside(output, "nll")
+    paths = {"anomaly": Path(output), "healed": healed, "nll": nll_path}
+    if len({p.resolve() for p in paths.values()}) < 3:
+        raise MrivqError(f"--healed {healed} is the anomaly map or the NLL map; name another file")
+    for p in paths.values():
+        check_output(p, image, *([brain] if brain else []), overwrite=overwrite, run=run, suffixes=NIFTI_SUFFIXES)
+    if brain is not None and not Path(brain).is_file():
+        raise MrivqError(f"brain mask {brain} does not exist; pass a NIfTI mask in the input's geometry")
+    r, dev = _load(run, device, need_prior=True)
+    res = heal_image(r, dev, image, opts, cls=cls, covariates=covariates, brain=brain, progress=progress)
+    for key, p in paths.items():
+        save_nifti(res[key], res["affine"], p)
+    inside = res["anomaly"] > 0
+    return {"path": str(output), "healed": str(healed), "nll": str(nll_path), "resampled": res["resampled"],
+            "max": float(res["anomaly"].max()), "mean_in_head": float(res["anomaly"][inside].mean()) if inside.any()
+            else 0.0, "covariates": res["covariates"]}

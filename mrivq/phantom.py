@@ -551,7 +551,7 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, is_label: b
 
 
 def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing: float = 3.0,
-                  seed: int = 0, modalities=("t1", "t2", "pd"),
+                  seed: int = 0, modalities=("t1", "t2", "pd"), lesions: bool = False,
                   progress: Progress | None = None) -> list[dict]:
     """Write ``count`` phantom subjects under ``out_dir`` and return their manifest rows.
 
@@ -563,6 +563,11 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
     One row per subject and modality: ``subject``, ``modality``, ``path`` (POSIX, relative to
     ``out_dir``), ``sex`` (``"F"``/``"M"``), ``age`` (years, as text like other layouts' rows) and
     ``labels`` (the subject's label map, relative path).
+
+    With ``lesions``, every subject gets one lesion (:mod:`mrivq.lesions`: tumour, white-matter
+    hyperintensities and artefact in turn) in all its modalities, its ground truth in
+    ``sub-XXXX/sub-XXXX_mask.nii.gz`` (uint8, the kind's value) and the manifest's ``mask`` column, and
+    what was inserted under the subject in ``phantom.json``.
     """
     out_dir = Path(out_dir)
     count = _check_int("count", count, 1)
@@ -581,6 +586,17 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
             cov = subject_covariates(index, seed=seed)
             sid = subject_id(index)
             (out_dir / sid).mkdir(exist_ok=True)
+            extra: dict[str, Any] = {}
+            if lesions:
+                from mrivq.lesions import MASK_VALUE, insert_lesion, lesion_kind_for
+
+                vols, mask, lesion = insert_lesion({m: sub[m] for m in mods}, sub["labels"], spacing,
+                                                   lesion_kind_for(index), np.random.default_rng([seed, index, 7]))
+                sub.update(vols)
+                mask_rel = f"{sid}/{sid}_mask.nii.gz"
+                _save_nifti(out_dir / mask_rel, mask, affine, is_label=True)
+                extra = {"mask": mask_rel}
+                subjects_lesion = {**lesion.to_dict(), "mask_value": MASK_VALUE[lesion.kind]}
             label_rel = f"{sid}/{sid}_labels.nii.gz"
             _save_nifti(out_dir / label_rel, sub["labels"], affine, is_label=True)
             age = f"{cov['age']:.1f}"
@@ -588,9 +604,9 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
                 rel = f"{sid}/{sid}_{mod}.nii.gz"
                 _save_nifti(out_dir / rel, sub[mod], affine, is_label=False)
                 rows.append({"subject": sid, "modality": mod, "path": rel, "sex": cov["sex"], "age": age,
-                             "labels": label_rel})
+                             "labels": label_rel, **extra})
             subjects.append({"subject": sid, "index": index, "sex": cov["sex"], "age": cov["age"],
-                             "labels": label_rel})
+                             "labels": label_rel, **({"lesion": subjects_lesion} if lesions else {})})
             if task is not None:
                 task.advance(1)
     meta = {
@@ -601,6 +617,7 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
         "spacing": spacing,
         "seed": seed,
         "modalities": list(mods),
+        "lesions": bool(lesions),
         "labels": {str(k): v for k, v in LABELS.items()},
         "subjects": subjects,
     }

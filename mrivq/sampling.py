@@ -81,15 +81,26 @@ def _cond_slice(cond: Cond, start: int, stop: int, n: int, key: str = "class") -
     return t[start:stop]
 
 
+Given = tuple[torch.Tensor, torch.Tensor] | None  # (tokens, keep) [b, positions]: keep those tokens
+
+
+def _choose(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None, given: Given,
+            pos: int) -> torch.Tensor:
+    tok = pick(logits, u[:, pos], temperature, top_k)
+    if given is not None:
+        tok = torch.where(given[1][:, pos], given[0][:, pos], tok)
+    return tok
+
+
 def _sample_reference(prior: GatedPixelCNN, shape: tuple[int, ...], u: torch.Tensor, cond: Cond,
-                      temperature: float, top_k: int | None, task: Any) -> torch.Tensor:
+                      temperature: float, top_k: int | None, task: Any, given: Given = None) -> torch.Tensor:
     """One full forward per position (the obviously-correct baseline)."""
     b, dev = u.shape[0], prior.embedding.weight.device
     tokens = torch.zeros(b, *shape, dtype=torch.long, device=dev)
     flat = tokens.view(b, -1)
     for pos in range(flat.shape[1]):
         logits = prior(tokens, cond).flatten(2)[:, :, pos]
-        flat[:, pos] = pick(logits, u[:, pos], temperature, top_k)
+        flat[:, pos] = _choose(logits, u, temperature, top_k, given, pos)
         if task is not None and (pos + 1) % shape[-1] == 0:
             task.advance(b * shape[-1])
     return tokens
@@ -218,7 +229,8 @@ class _Incremental:
         w1, b1, w2, b2 = self.head
         return torch.addmm(b2, torch.relu(torch.addmm(b1, torch.relu(h), w1)), w2)
 
-    def run(self, u: torch.Tensor, temperature: float, top_k: int | None, task: Any) -> torch.Tensor:
+    def run(self, u: torch.Tensor, temperature: float, top_k: int | None, task: Any,
+            given: Given = None) -> torch.Tensor:
         shape, n, r, b = self.shape, self.n, self.r, self.b
         tokens = torch.zeros(b, *shape, dtype=torch.long, device=self.ebuf.device)
         D = shape[-1]
@@ -226,7 +238,7 @@ class _Incremental:
             rbias = self.row_bias(row)
             for i in range(D):
                 logits = self.position(i, rbias, ri * D + i)
-                tok = pick(logits, u[:, ri * D + i], temperature, top_k)
+                tok = _choose(logits, u, temperature, top_k, given, ri * D + i)
                 tokens[(slice(None),) + row + (i,)] = tok
                 self.ebuf[:, i + r] = self.p.embedding(tok)
             if self.rec is not None:
@@ -286,9 +298,48 @@ def sample_tokens(prior: GatedPixelCNN, latent_shape: Sequence[int], n: int, *, 
     The prior runs in eval mode without gradients; its training flag is restored afterwards.
     """
     shape = _check(prior, latent_shape, temperature, top_k)
+    return _draw(prior, shape, int(n), None, temperature, top_k, seed, cached, cond, batch_size, device,
+                 progress, _record)
+
+
+def heal_tokens(prior: GatedPixelCNN, indices: torch.Tensor, resample: torch.Tensor, n: int = 1, *,
+                temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                cached: bool = True, cond: Cond = None, batch_size: int | None = None,
+                device: str | torch.device | None = None, progress: Any = None) -> torch.LongTensor:
+    """"Healing" (Pinaya et al. 2022, *Unsupervised brain imaging 3D anomaly detection and segmentation
+    with transformers*): ``n`` resamples of each code grid in ``indices [B, *latent]`` where the codes
+    flagged in ``resample`` (bool, same shape) are drawn again from the prior, in raster order and
+    conditioned on everything before them (kept and redrawn), and every other code is kept.
+    Returns ``LongTensor[B, n, *latent]``. Same seed, same result for either sampler and any
+    ``batch_size``; ``cond`` has one row per input grid or one for all."""
+    shape = _check(prior, indices.shape[1:], temperature, top_k)
+    if resample.shape != indices.shape:
+        raise MrivqError(f"resample mask {tuple(resample.shape)} does not match the codes {tuple(indices.shape)}")
+    b, n = int(indices.shape[0]), int(n)
+    if n < 1:
+        raise MrivqError(f"the number of resamples must be >= 1, got {n}")
+    fixed = indices.long().reshape(b, -1).repeat_interleave(n, 0)
+    keep = (~resample.bool()).reshape(b, -1).repeat_interleave(n, 0)
+    out = _draw(prior, shape, b * n, (fixed, keep), temperature, top_k, seed, cached,
+                _repeat_cond(cond, b, n), batch_size, device, progress, None)
+    return out.view(b, n, *shape)
+
+
+def _repeat_cond(cond: Cond, b: int, n: int) -> Cond:
+    """A per-grid condition, repeated for each grid's ``n`` resamples."""
+    if cond is None or isinstance(cond, int):
+        return cond
+    if isinstance(cond, dict):
+        return {k: _repeat_cond(v, b, n) for k, v in cond.items()}
+    t = torch.as_tensor(cond)
+    return t.repeat_interleave(n, 0) if t.dim() > 0 and t.shape[0] == b and b > 1 else t
+
+
+def _draw(prior: GatedPixelCNN, shape: tuple[int, ...], n: int, given: Given, temperature: float,
+          top_k: int | None, seed: int | None, cached: bool, cond: Cond, batch_size: int | None,
+          device: str | torch.device | None, progress: Any, record: list | None) -> torch.LongTensor:
     dev = torch.device(device) if device is not None else prior.embedding.weight.device
     model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
-    n = int(n)
     bs = max(1, int(batch_size or n or 1))
     u = _uniforms(seed, n, math.prod(shape))
     out = torch.empty(n, *shape, dtype=torch.long, device=dev)
@@ -297,16 +348,17 @@ def sample_tokens(prior: GatedPixelCNN, latent_shape: Sequence[int], n: int, *, 
             e = min(n, s + bs)
             c = _cond_slice(cond, s, e, n)
             uu = u[s:e].to(dev)
+            g = None if given is None else (given[0][s:e].to(dev), given[1][s:e].to(dev))
             if cached:
-                inc = _Incremental(model, shape, e - s, c, _record is not None)
+                inc = _Incremental(model, shape, e - s, c, record is not None)
                 with _threads(1 if dev.type == "cpu" and e - s < SMALL_BATCH else None):
-                    out[s:e] = inc.run(uu, temperature, top_k, task)
-                if _record is not None:
-                    _record.append(inc.rec)
+                    out[s:e] = inc.run(uu, temperature, top_k, task, g)
+                if record is not None:
+                    record.append(inc.rec)
             else:
                 if model.conditional and c is not None:
                     model.cond_vector(c, e - s)  # validate once
-                out[s:e] = _sample_reference(model, shape, uu, c, temperature, top_k, task)
+                out[s:e] = _sample_reference(model, shape, uu, c, temperature, top_k, task, g)
     return out
 
 

@@ -310,3 +310,18 @@ def test_synth_refuses_a_count_beyond_the_memory_budget(trained_run: Path, tmp_p
     _assert_one_line(_mrivq("synth", "--run", str(trained_run), "--count", "100000000", "--out", str(tmp_path / "s")),
                      "--count 100000000 needs")
     assert not (tmp_path / "s").exists()
+
+
+def test_outputs_follow_the_users_umask(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Atomic writes go through mkstemp (mode 0600); the finished file gets the mode open() would give."""
+    src = _nifti(tmp_path / "in.nii.gz", _vol())
+    old = os.umask(0o027)
+    try:
+        assert invoke("encode", str(src), "-o", str(tmp_path / "c.npz"), "--run", str(trained_run),
+                      "--device", "cpu").exit_code == 0
+        assert invoke("synth", "--run", str(trained_run), "--count", "1", "--out", str(tmp_path / "s"),
+                      "--device", "cpu").exit_code == 0
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "c.npz", *sorted((tmp_path / "s").glob("synth_0000.*"))]:
+        assert os.stat(p).st_mode & 0o777 == 0o640, p

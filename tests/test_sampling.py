@@ -156,3 +156,41 @@ def test_log_likelihood_is_cross_entropy(dims, kw, cond) -> None:
     noise = torch.randint(0, K, sampled.shape)
     c1 = cond[:1] if cond is not None else None
     assert log_likelihood(prior, sampled, c1).mean() < log_likelihood(prior, noise, c1).mean()
+
+
+@pytest.mark.parametrize("shape,kw,cond", [
+    ((3, 4, 5), {}, None),
+    ((4, 3, 4), {"num_classes": 3, "positions": "grid", "latent_shape": (4, 3, 4), "attention_every": 1,
+                 "attention_heads": 2}, torch.tensor([2, 0])),
+])
+def test_heal_tokens_keeps_unflagged_codes_and_cached_equals_reference(shape, kw, cond) -> None:
+    from mrivq.sampling import heal_tokens
+
+    prior = _prior(len(shape), **kw)
+    idx = sample_tokens(prior, shape, 2, seed=1, cond=cond)
+    flag = torch.zeros(2, *shape, dtype=torch.bool)
+    flag[0, 1:, :2] = True
+    flag[1, -1] = True
+    ref = heal_tokens(prior, idx, flag, 3, seed=4, cached=False, cond=cond)
+    fast = heal_tokens(prior, idx, flag, 3, seed=4, cond=cond, batch_size=2)
+    assert fast.shape == (2, 3, *shape) and torch.equal(fast, ref)
+    keep = ~flag[:, None].expand_as(fast)
+    assert torch.equal(fast[keep], idx[:, None].expand_as(fast)[keep])  # unflagged codes never change
+    assert not torch.equal(fast[~keep], idx[:, None].expand_as(fast)[~keep])  # flagged ones are redrawn
+    assert not torch.equal(fast[:, 0], fast[:, 1])  # resamples differ
+    # nothing flagged: the input; everything flagged: a fresh sample with the same seed
+    assert torch.equal(heal_tokens(prior, idx, torch.zeros_like(flag), 2, seed=4, cond=cond)[:, 1], idx)
+    one = heal_tokens(prior, idx[:1], torch.ones_like(flag[:1]), 1, seed=9,
+                      cond=None if cond is None else cond[:1])
+    assert torch.equal(one[:, 0], sample_tokens(prior, shape, 1, seed=9, cond=None if cond is None else cond[:1]))
+
+
+def test_heal_tokens_bad_input() -> None:
+    from mrivq.sampling import heal_tokens
+
+    prior = _prior(2)
+    idx = torch.zeros(1, 4, 5, dtype=torch.long)
+    with pytest.raises(MrivqError, match="does not match"):
+        heal_tokens(prior, idx, torch.zeros(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(MrivqError, match="resamples"):
+        heal_tokens(prior, idx, torch.zeros(1, 4, 5, dtype=torch.bool), 0)

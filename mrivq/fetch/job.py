@@ -24,7 +24,8 @@ from mrivq.fetch.state import STATE, FetchResult, _State
 from mrivq.fetch.verify import _Verify
 from mrivq.progress import Progress, silent
 
-BUILTIN_DEFAULTS: dict[str, Any] = {"count": 160, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0}
+BUILTIN_DEFAULTS: dict[str, Any] = {"count": 160, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0,
+                                    "lesions": False}
 
 
 def fetch(card: Card, root: str | os.PathLike, *, modalities: list[str] | None = None,
@@ -170,6 +171,8 @@ class _Fetch(_State, _Place, _Verify, _Download):
 
         kwargs: dict[str, Any] = dict(count=opts["count"], shape=tuple(opts["shape"]), spacing=opts["spacing"],
                                       seed=opts["seed"], modalities=list(modalities))
+        if opts.get("lesions"):
+            kwargs["lesions"] = True
         if "progress" in inspect.signature(write_dataset).parameters:
             kwargs["progress"] = self.progress  # it shows its own bar
         with self._staging() as staging:
@@ -198,7 +201,9 @@ class _Fetch(_State, _Place, _Verify, _Download):
         if count < 1 or spacing <= 0 or len(shape) != 3:
             raise MrivqError(f"bad options for '{self.card.name}': count must be >= 1, shape three sizes, "
                              f"spacing > 0 (got count={count}, shape={shape}, spacing={spacing})")
-        return {"count": count, "shape": shape, "spacing": spacing, "seed": seed}
+        # "lesions" only when asked for: folders fetched before it existed keep matching their marker
+        return {"count": count, "shape": shape, "spacing": spacing, "seed": seed,
+                **({"lesions": True} if opts.get("lesions") else {})}
 
     # ------------------------------------------------------------------ sources
     def _card_file(self, name: str) -> CardFile:

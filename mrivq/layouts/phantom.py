@@ -17,7 +17,7 @@ from typing import Any
 from mrivq.errors import MrivqError
 from mrivq.io import finish_rows, iter_files, relposix
 
-COLUMNS = ("label", "sex", "age")
+COLUMNS = ("label", "mask", "sex", "age")
 _IMAGE = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)_(?P<rest>[A-Za-z0-9_\-]+?)\.nii(?:\.gz)?$")
 _SIDECAR = re.compile(r"^(?P<subject>sub-[A-Za-z0-9]+)(?:_(?P<mod>[A-Za-z0-9]+))?\.json$")
 
@@ -67,6 +67,7 @@ def scan(dataset_dir: Path, card: Any) -> list[dict[str, str]]:
     dataset_dir = Path(dataset_dir)
     rows: list[dict[str, Any]] = []
     labels: dict[tuple[str, str], str] = {}  # (subject, modality or "") -> label path
+    masks: dict[str, str] = {}  # subject -> lesion mask path
     covars: dict[str, dict[str, str]] = {}
     sidecars: dict[str, dict[str, str]] = {}
     for p in iter_files(dataset_dir):
@@ -86,6 +87,9 @@ def scan(dataset_dir: Path, card: Any) -> list[dict[str, str]]:
             continue
         subject, rest = m.group("subject"), m.group("rest")
         rel = relposix(p, dataset_dir)
+        if rest == "mask":  # lesion phantoms: the ground-truth lesion mask (0 healthy, 1.. the kind)
+            masks[subject] = rel
+            continue
         if rest == "labels" or rest.endswith("_labels"):
             labels[(subject, rest[: -len("_labels")].lower() if rest != "labels" else "")] = rel
             continue
@@ -93,6 +97,7 @@ def scan(dataset_dir: Path, card: Any) -> list[dict[str, str]]:
     for r in rows:
         s = r["subject"]
         r["label"] = labels.get((s, r["modality"]), labels.get((s, ""), ""))
+        r["mask"] = masks.get(s, "")
         cov = {**sidecars.get(s, {}), **covars.get(s, {})}
         r["sex"], r["age"] = cov.get("sex", ""), cov.get("age", "")
     return finish_rows(rows, card, COLUMNS)

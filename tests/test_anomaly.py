@@ -1,0 +1,184 @@
+"""Anomaly detection end to end: lesion phantoms (`fetch --lesions`), healing (`score --heal`) and
+`eval --anomaly`, on tiny runs trained on healthy phantoms."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def lesion_root(phantom_root: Path) -> Path:  # noqa: F811
+    res = invoke("fetch", "phantom", "--lesions", "--root", str(phantom_root), "--count", "6", "--shape",
+                 "32", "32", "32", "--spacing", "6", "--seed", "5")
+    assert res.exit_code == 0, res.output
+    return phantom_root
+
+
+def test_fetch_lesions_writes_its_own_dataset_with_masks(lesion_root: Path) -> None:
+    ddir = lesion_root / "phantom-lesions"
+    rows = list(csv.DictReader((ddir / "manifest.csv").open()))
+    assert rows and all(r["mask"] for r in rows)
+    meta = json.loads((ddir / "phantom.json").read_text())
+    assert meta["lesions"] is True
+    kinds = {s["lesion"]["kind"] for s in meta["subjects"]}
+    assert kinds == {"tumour", "wmh", "artefact"}
+    for s in meta["subjects"]:
+        mask = np.asarray(nib.load(ddir / s["subject"] / f"{s['subject']}_mask.nii.gz").dataobj)
+        assert mask.shape == (32, 32, 32) and (mask > 0).sum() == s["lesion"]["voxels"] > 0
+    # the healthy dataset is untouched and has an empty mask column
+    healthy = list(csv.DictReader((lesion_root / "phantom" / "manifest.csv").open()))
+    assert healthy and not any(r.get("mask") for r in healthy)
+    # again: already complete; with other options: refused, nothing replaced
+    again = invoke("fetch", "phantom", "--lesions", "--root", str(lesion_root), "--count", "6", "--shape",
+                   "32", "32", "32", "--spacing", "6", "--seed", "5")
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_fetch_name_and_lesions_bad_input(lesion_root: Path) -> None:
+    res = invoke("fetch", "phantom", "--lesions", "--name", "Bad Name", "--root", str(lesion_root))
+    assert res.exit_code == 2 and "lowercase" in res.output
+    res = invoke("fetch", "mnist", "--lesions", "--root", str(lesion_root))
+    assert res.exit_code == 2 and "--lesions" in res.output
+    res = invoke("fetch", "phantom", "--lesions", "--name", "mylesions", "--root", str(lesion_root),
+                 "--count", "3", "--shape", "32", "32", "32", "--spacing", "6")
+    assert res.exit_code == 0, res.output
+    assert (lesion_root / "mylesions" / "manifest.csv").is_file()
+
+
+def _lesion_subject(root: Path, kind: str) -> tuple[Path, Path]:
+    ddir = root / "phantom-lesions"
+    meta = json.loads((ddir / "phantom.json").read_text())
+    s = next(s for s in meta["subjects"] if s["lesion"]["kind"] == kind)
+    sid = s["subject"]
+    return ddir / sid / f"{sid}_t1.nii.gz", ddir / sid / f"{sid}_mask.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def twin_root(lesion_root: Path) -> Path:
+    """The lesion phantoms' healthy twins: the same seed without lesions."""
+    res = invoke("fetch", "phantom", "--name", "phantom-s5", "--root", str(lesion_root), "--count", "6",
+                 "--shape", "32", "32", "32", "--spacing", "6", "--seed", "5")
+    assert res.exit_code == 0, res.output
+    return lesion_root
+
+
+def _heal(run: Path, img: Path, out: Path, *extra: str) -> np.ndarray:
+    res = invoke("score", str(img), "-o", str(out), "--run", str(run), "--heal", "--device", "cpu",
+                 "--threshold", "0.2", "--resamples", "2", *extra)
+    assert res.exit_code == 0, res.output
+    assert "redrew" in res.output
+    return np.asarray(nib.load(out).dataobj)
+
+
+def test_heal_finds_an_inserted_lesion_and_leaves_a_healthy_scan_nearly_unchanged(
+        trained_run: Path, twin_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    img, mask_path = _lesion_subject(twin_root, "tumour")
+    twin = twin_root / "phantom-s5" / img.parent.name / img.name
+    mask = np.asarray(nib.load(mask_path).dataobj) > 0
+    sick = _heal(trained_run, img, tmp_path / "sick.nii.gz")
+    healthy = _heal(trained_run, twin, tmp_path / "healthy.nii.gz")
+    for name in ("sick_healed.nii.gz", "sick_nll.nii.gz"):
+        f = nib.load(tmp_path / name)
+        assert f.shape == nib.load(img).shape and np.allclose(f.affine, nib.load(img).affine)
+    # the lesion lights the map up inside its mask, well above the rest of the head and the twin's
+    assert sick[mask].mean() > 2 * sick[~mask].mean()
+    assert sick[mask].mean() > 1.5 * healthy[mask].mean()  # (an 8-step model: its healthy map is not flat)
+    assert (healthy == 0).mean() > 0.3  # background and the head's edge stay dark
+    # healing a healthy scan changes it about as little as reconstructing it
+    recon = tmp_path / "recon.nii.gz"
+    assert invoke("reconstruct", str(twin), "-o", str(recon), "--run", str(trained_run),
+                  "--device", "cpu").exit_code == 0
+    x = np.asarray(nib.load(twin).dataobj, np.float32)
+    healed = np.asarray(nib.load(tmp_path / "healthy_healed.nii.gz").dataobj, np.float32)
+    rec = np.asarray(nib.load(recon).dataobj, np.float32)
+    assert np.abs(healed - x).mean() < 1.25 * np.abs(rec - x).mean()
+    # same seed, same map; a brain mask zeroes the map outside it
+    again = _heal(trained_run, img, tmp_path / "again.nii.gz")
+    assert np.array_equal(again, sick)
+    brain = tmp_path / "brain.nii.gz"
+    half = np.zeros(mask.shape, np.uint8)
+    half[:16] = 1
+    nib.save(nib.Nifti1Image(half, nib.load(img).affine), brain)
+    masked = _heal(trained_run, img, tmp_path / "masked.nii.gz", "--brain-mask", str(brain))
+    assert (masked[16:] == 0).all() and np.allclose(masked[:16], sick[:16])
+
+
+def test_heal_bad_input(trained_run: Path, lesion_root: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    img, _ = _lesion_subject(lesion_root, "wmh")
+    out = tmp_path / "m.nii.gz"
+
+    def bad(*args: str, match: str) -> None:
+        res = invoke("score", str(img), "-o", str(out), "--run", str(trained_run), "--heal", "--device", "cpu",
+                     *args)
+        assert res.exit_code == 2 and match in res.output, res.output
+        assert not out.exists()
+
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), other)
+    bad("--brain-mask", str(other), match="8x8x8 but the input is 32x32x32")
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.uint8), np.eye(4)), empty)
+    bad("--brain-mask", str(empty), match="is empty")
+    bad("--brain-mask", str(tmp_path / "nope.nii.gz"), match="does not exist")
+    bad("--threshold", "1.5", match="probability")
+    bad("--resamples", "0", match="resamples")
+    bad("--healed", str(out), match="--healed")
+    bad("--healed", str(tmp_path / "h.npz"), match="must end in")
+    res = invoke("score", str(img), "-o", str(out), "--run", str(trained_run), "--brain-mask", str(other))
+    assert res.exit_code == 2 and "go with --heal" in res.output
+    # a run without a prior
+    run = tmp_path / "vq"
+    res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
+                 "--out", str(run), "--device", "cpu", "--stage", "vqvae", "--max-steps", "2", *TINY)
+    assert res.exit_code == 0, res.output
+    res = invoke("score", str(img), "-o", str(out), "--run", str(run), "--heal", "--device", "cpu")
+    assert res.exit_code == 2 and "no trained prior" in res.output
+    res = invoke("eval", "--anomaly", "--run", str(run), "--dataset", "phantom-lesions", "--root", str(lesion_root))
+    assert res.exit_code == 2 and "no trained prior" in res.output
+
+
+def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesion_root: Path,  # noqa: F811
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "a.json"
+    args = ["eval", "--anomaly", "--run", str(trained_run), "--root", str(lesion_root), "--device", "cpu",
+            "--threshold", "0.2", "--resamples", "2"]
+    res = invoke(*args, "--dataset", "phantom-lesions:val", "--json", str(out))
+    assert res.exit_code == 0, res.output
+    assert "healed" in res.output and "residual" in res.output and "per lesion kind" in res.output
+    m = json.loads(out.read_text())
+    assert m["n_subjects"] == 3 and m["n_calibration"] == 3  # half measured, half for the threshold
+    for key in ("auprc", "auroc", "best_dice", "dice"):
+        assert 0 <= m[key] <= 1
+    for meth in ("healed", "residual", "nll"):
+        t = m["methods"][meth]
+        assert set(t["pooled"]) >= {"auprc", "auroc", "best_dice", "dice"} and t["threshold"] is not None
+        kinds = {s["kind"] for s in t["subjects"].values()}
+        assert len(t["subjects"]) == 3 and kinds <= {"tumour", "wmh", "artefact"}
+        assert sum(k["n_subjects"] for k in t["kinds"].values()) == 3
+        assert sum(k["n_subjects"] for k in t["sizes"].values()) == 3
+    assert m["methods"]["healed"]["pooled"]["auprc"] == m["auprc"]
+    pictures = sorted((tmp_path / "a_pictures").glob("*.png"))
+    assert [p.stem for p in pictures] == sorted(m["methods"]["healed"]["subjects"])
+    # :all has no calibration split, hence no calibrated Dice
+    res = invoke(*args, "--dataset", "phantom-lesions:all", "--json", str(tmp_path / "all.json"))
+    assert res.exit_code == 0, res.output
+    m_all = json.loads((tmp_path / "all.json").read_text())
+    assert m_all["n_subjects"] == 6 and m_all["dice"] is None
+    # bad input: one line, exit 2, nothing overwritten
+    before = out.read_bytes()
+    for extra, match in ((["--dataset", "phantom-lesions:val", "--json", str(out)], "already exists"),
+                         (["--dataset", "phantom"], "no lesion masks"),
+                         (["--dataset", "phantom-lesions:test"], "not one of"),
+                         (["--dataset", "nosuch"], "not fetched"),
+                         (["--dataset", "phantom-lesions", "--samples", str(tmp_path)], "separate")):
+        res = invoke(*args, *extra)
+        assert res.exit_code == 2 and match in res.output, (extra, res.output)
+    assert out.read_bytes() == before
