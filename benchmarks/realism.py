@@ -118,9 +118,9 @@ def train_for(model: torch.nn.Module, seconds: float, loss_fn, tcfg: dict) -> tu
     return steps, loss
 
 
-def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0) -> dict:
-    """Train MONAI's VQ-VAE and transformer for the mrivq stages' budgets; sample ``count`` volumes."""
-    from monai.inferers import VQVAETransformerInferer
+def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
+    """MONAI's VQ-VAE and DecoderOnlyTransformer trained for the mrivq stages' budgets on the run's
+    training split: ``{"vqvae", "transformer", "ordering", "latent", "start_token", "record"}``."""
     from monai.networks.nets import VQVAE, DecoderOnlyTransformer
     from monai.utils.ordering import Ordering, OrderingType
 
@@ -154,7 +154,6 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
     n_pos = int(np.prod(latent))
     tf = DecoderOnlyTransformer(num_tokens=k + 1, max_seq_len=n_pos + 1, attn_layers_dim=64, attn_layers_depth=4,
                                 attn_layers_heads=4, use_flash_attention=True)
-    inferer = VQVAETransformerInferer()
     seq = codes.flatten(1)[:, ordering.get_sequence_ordering()]
     seq = F.pad(seq, (1, 0), value=k)  # start token
 
@@ -163,16 +162,29 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
         return F.cross_entropy(tf(sb[:, :-1]).transpose(1, 2), sb[:, 1:])
 
     tsteps, loss = train_for(tf, budgets["prior"], tf_loss, pr)
+    record = {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": loss,
+              "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, use_flash_attention (torch SDPA)",
+              "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}
+    return {"vqvae": vq, "transformer": tf, "ordering": ordering, "latent": latent, "start_token": k,
+            "record": record}
+
+
+def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0) -> dict:
+    """Train MONAI's VQ-VAE and transformer for the mrivq stages' budgets; sample ``count`` volumes."""
+    from monai.inferers import VQVAETransformerInferer
+
+    from mrivq.runs import load_run
+
+    m = train_monai(run, budgets, seed)
+    k, latent = m["start_token"], m["latent"]
     t0 = time.perf_counter()
     with torch.no_grad():
-        img = inferer.sample(latent_spatial_dim=latent, starting_tokens=torch.full((count, 1), k, dtype=torch.long),
-                             vqvae_model=vq, transformer_model=tf, ordering=ordering, verbose=False)
+        img = VQVAETransformerInferer().sample(
+            latent_spatial_dim=latent, starting_tokens=torch.full((count, 1), k, dtype=torch.long),
+            vqvae_model=m["vqvae"], transformer_model=m["transformer"], ordering=m["ordering"], verbose=False)
     sample_s = time.perf_counter() - t0
-    write_volumes(r, img.clamp(0, 1).numpy(), out)
-    return {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": loss,
-            "sample_seconds": round(sample_s, 1), "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, "
-                                                                      "use_flash_attention (torch SDPA)",
-            "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}
+    write_volumes(load_run(run), img.clamp(0, 1).numpy(), out)
+    return {**m["record"], "sample_seconds": round(sample_s, 1)}
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ A model trained on healthy scans only knows healthy anatomy. For a new scan:
 3. decode each healed grid: a healthy-looking version of the scan;
 4. the anomaly map is the mean absolute residual between the input and its healed reconstructions,
    weighted by where codes were redrawn (the flag mask, upsampled smoothly to the image grid) and
-   restricted to the head (a foreground mask, so the field of view's edge stays dark).
+   restricted to the head (a foreground mask with its holes filled, so the field of view's edge stays
+   dark but a signal void inside the head does not).
 
 The baselines that :func:`heal` returns in the same pass (for ``mrivq eval --anomaly``): the
 reconstruction residual ``|x - D(E(x))|`` and the upsampled per-code NLL map.
@@ -21,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +77,15 @@ def _erode(mask: torch.Tensor, n: int) -> torch.Tensor:
     return 1 - pool(1 - mask.float(), 2 * n + 1, stride=1, padding=n)
 
 
+def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
+    """The head with its holes filled, per image: a signal void inside the head (an artefact, a
+    resection cavity) is dark like the background but is where an anomaly map must look."""
+    from scipy.ndimage import binary_fill_holes
+
+    filled = [binary_fill_holes(m[0].cpu().numpy()) for m in mask]
+    return torch.as_tensor(np.stack(filled)[:, None], device=mask.device).float()
+
+
 def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any = None, *,
          cached: bool = True, batch_size: int | None = None, progress: Any = None) -> dict[str, torch.Tensor]:
     """Heal a model-space batch ``x [B, C, *spatial]`` (a volume, or a 2D run's slices).
@@ -102,9 +113,8 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
             dec = recon[:, None]
         size = tuple(x.shape[2:])
         xf = x.float()
-        head = ((xf.amax(1, keepdim=True) > opts.background)
-                | (dec.mean(1).amax(1, keepdim=True) > opts.background)).float()
-        head = _erode(head, opts.erode)
+        head = (xf.amax(1, keepdim=True) > opts.background) | (dec.mean(1).amax(1, keepdim=True) > opts.background)
+        head = _erode(_fill_holes(head), opts.erode)
         weight = _upsample(resample[:, None].float(), size).clamp(0, 1)
         residual = (xf[:, None] - dec).abs().mean(2).mean(1, keepdim=True)  # over channels, then resamples
         return {

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from mrivq.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 
 
@@ -182,3 +183,20 @@ def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesio
         res = invoke(*args, *extra)
         assert res.exit_code == 2 and match in res.output, (extra, res.output)
     assert out.read_bytes() == before
+
+
+def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
+    import torch
+
+    from mrivq.heal import HealOptions, _erode, _fill_holes
+
+    head = torch.zeros(1, 1, 12, 12, 12, dtype=torch.bool)
+    head[0, 0, 2:10, 2:10, 2:10] = True
+    head[0, 0, 5:7, 5:7, 5:7] = False  # a signal void inside
+    filled = _fill_holes(head)
+    assert filled[0, 0, 5:7, 5:7, 5:7].all() and filled.sum() == 8 ** 3
+    eroded = _erode(filled, 1)
+    assert eroded.sum() == 6 ** 3 and eroded[0, 0, 2].sum() == 0
+    for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):
+        with pytest.raises(MrivqError):
+            HealOptions(**bad).validate()

@@ -39,7 +39,7 @@ def size_bin(diameter_mm: float) -> str:
     return next(name for lo, hi, name in SIZE_BINS if lo <= diameter_mm < hi)
 
 
-def _subject_lesions(ddir: Path) -> dict[str, dict]:
+def subject_lesions(ddir: Path) -> dict[str, dict]:
     """What the phantom inserted per subject (``phantom.json``), if the dataset says."""
     try:
         meta = json.loads((ddir / "phantom.json").read_text())
@@ -48,7 +48,7 @@ def _subject_lesions(ddir: Path) -> dict[str, dict]:
         return {}
 
 
-def _brain_values(ddir: Path) -> list[int] | None:
+def brain_values_of(ddir: Path) -> list[int] | None:
     try:
         labels = json.loads((ddir / "phantom.json").read_text()).get("labels", {})
         return [int(k) for k, v in labels.items() if v in _BRAIN_TISSUES] or None
@@ -96,6 +96,17 @@ def _load_mask(path: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
     return m
 
 
+def truth_and_region(ddir: Path, item: dict, head: np.ndarray, brain_values: list[int] | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """A subject's lesion mask (its values: the kinds) and the voxels measured: the brain (from the
+    phantom's labels) where known, else the head, always with the lesion itself."""
+    mask = _load_mask(ddir / item["mask"], head.shape, "lesion mask")
+    region = head
+    if brain_values and item.get("labels"):
+        region = np.isin(_load_mask(ddir / item["labels"], head.shape, "label map"), brain_values)
+    return mask, region | (mask > 0)
+
+
 def _picture(path: Path, image: np.ndarray, mask: np.ndarray, amap: np.ndarray) -> None:
     """Input, ground truth and map, on the axial slice through the lesion's centre."""
     from mrivq.io import save_png
@@ -121,11 +132,7 @@ def _analyse(r: Any, dev: Any, ddir: Path, items: list[dict], opts: Any, lesions
             srcs = [ddir / s["path"] for s in it["sources"]]
             res = heal_image(r, dev, srcs if len(srcs) > 1 else srcs[0], opts)
             shape = res["anomaly"].shape[:3]
-            mask = _load_mask(ddir / it["mask"], shape, "lesion mask")
-            region = res["head"].reshape(shape)
-            if brain_values and it.get("labels"):
-                region = np.isin(_load_mask(ddir / it["labels"], shape, "label map"), brain_values)
-            region = region | (mask > 0)  # a lesion is never outside what is measured
+            mask, region = truth_and_region(ddir, it, res["head"].reshape(shape), brain_values)
             for m in METHODS:
                 maps[m].append(res[_MAP_KEY[m]].reshape(shape))
             truths.append(mask > 0)
@@ -188,7 +195,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     measured, calib = split_items(items, split)
     if not measured:
         raise MrivqError(f"split {split} of {name} has no subjects; use :all")
-    lesions, brain_values = _subject_lesions(ddir), _brain_values(ddir)
+    lesions, brain_values = subject_lesions(ddir), brain_values_of(ddir)
     pictures.mkdir(exist_ok=True)
     a = _analyse(r, dev, ddir, measured, opts, lesions, brain_values, progress, pictures, split)
     thresholds: dict[str, float | None] = {m: None for m in METHODS}
