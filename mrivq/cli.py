@@ -350,6 +350,8 @@ def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: 
 
 
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output file.")
+FormatOpt = typer.Option("nifti", "--format", help="nifti, or dicom: a DICOM series (MR, 16-bit, marked "
+                         "synthetic) in the folder -o names.")
 
 
 @app.command()
@@ -370,30 +372,34 @@ def encode(
 @app.command()
 def decode(
     codes: Path = typer.Argument(..., help="A codes .npz written by `mrivq encode`."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz), or with --format dicom "
+                                "a folder for the DICOM series."),
     run: Path | None = RunOpt,
+    fmt: str = FormatOpt,
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Decode code indices back into an image in the original geometry."""
     from mrivq.infer import decode_file
 
-    decode_file(run, codes, output, device=device, overwrite=overwrite)
+    decode_file(run, codes, output, device=device, overwrite=overwrite, fmt=fmt)
     out.print(f"wrote {output}")
 
 
 @app.command()
 def reconstruct(
     image: Path = typer.Argument(..., help="A NIfTI file or a DICOM series folder."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output NIfTI (.nii.gz), or with --format dicom "
+                                "a folder for the DICOM series."),
     run: Path | None = RunOpt,
+    fmt: str = FormatOpt,
     device: str = typer.Option("auto", "--device"),
     overwrite: bool = OverwriteOpt,
 ) -> None:
     """Encode then decode an image (shape, affine and intensity scale of the input)."""
     from mrivq.infer import reconstruct_file
 
-    res = reconstruct_file(run, image, output, device=device, overwrite=overwrite)
+    res = reconstruct_file(run, image, output, device=device, overwrite=overwrite, fmt=fmt)
     out.print(f"wrote {output} (PSNR vs input {res['psnr']:.2f} dB in the model's space)")
 
 
@@ -431,6 +437,8 @@ def synth(
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
     prior: str = typer.Option("pixelcnn", "--prior", help="pixelcnn (the trained prior), marginal (each "
                               "position's training code frequencies) or uniform (random codes)."),
+    fmt: str = typer.Option("nifti", "--format", help="3D: nifti (synth_0000.nii.gz), dicom (a DICOM series "
+                            "folder synth_0000/, marked synthetic) or both."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Sample new volumes (or 2D images) from a run's prior and decode them."""
@@ -440,8 +448,8 @@ def synth(
         res = synthesize(run, count, out_dir, seed=seed, temperature=temperature, top_k=top_k,
                          batch_size=batch_size, cls=class_, covariates=_covariates(covariate),
                          overwrite=overwrite, cached=not reference,
-                         device=device, progress=prog, prior=prior)
-    out.print(f"wrote {len(res['images'])} samples to {out_dir}/")
+                         device=device, progress=prog, prior=prior, fmt=fmt)
+    out.print(f"wrote {count} samples to {out_dir}/")
     for p in res["images"][:3]:
         out.print(f"  {p}")
     if res.get("previews"):

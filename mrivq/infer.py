@@ -147,10 +147,43 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def check_target(output: Path, *inputs: Path, fmt: str = "nifti", overwrite: bool = False,
+                 run: Path | None = None) -> Path:
+    """:func:`check_output` for a NIfTI output; for ``fmt="dicom"`` the series folder ``output`` (new,
+    empty, or with ``overwrite`` a DICOM series), never an input or inside the run folder."""
+    if fmt not in ("nifti", "dicom"):
+        raise MrivqError(f"--format {fmt!r} is not one of nifti, dicom")
+    if fmt == "nifti":
+        return check_output(output, *inputs, overwrite=overwrite, run=run)
+    from mrivq.dicomout import check_series_folder
+    from mrivq.runs import resolve_run
+
+    out = Path(output)
+    for src in inputs:
+        if Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise MrivqError(f"output {out} is the input; name another output folder")
+    if run is not None and out.resolve().is_relative_to(resolve_run(run).resolve()):
+        raise MrivqError(f"output {out} is inside run folder {Path(run).name}; name a folder outside it")
+    return check_series_folder(out, overwrite)
+
+
+def _write(arr: np.ndarray, affine: np.ndarray, output: Path, fmt: str, overwrite: bool, what: str) -> None:
+    if fmt == "dicom":
+        from mrivq.dicomout import save_dicom_series
+
+        if arr.ndim != 3:
+            raise MrivqError(f"--format dicom writes one 3D volume per series; this output is {arr.ndim}D "
+                             f"{'x'.join(map(str, arr.shape))} (write NIfTI instead)")
+        save_dicom_series(arr, affine, output, description=f"mrivq {what}", overwrite=overwrite)
+    else:
+        save_nifti(arr, affine, output)
+
+
 def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto",
-                overwrite: bool = False) -> dict:
-    """Decode a codes ``.npz`` into a NIfTI in the original image's geometry."""
-    output = check_output(output, codes, overwrite=overwrite, run=run)
+                overwrite: bool = False, fmt: str = "nifti") -> dict:
+    """Decode a codes ``.npz`` into a NIfTI (or, ``fmt="dicom"``, a DICOM series folder) in the
+    original image's geometry."""
+    output = check_target(output, codes, fmt=fmt, overwrite=overwrite, run=run)
     r, dev = _load(run, device)
     if not Path(codes).exists():
         raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`")
@@ -184,21 +217,22 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(idx.to(dev)).float().clamp(0, 1)
     arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
-    save_nifti(arr, affine, output)
+    _write(arr, affine, output, fmt, overwrite, "decoded")
     return {"path": str(output)}
 
 
 def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = "auto",
-                     overwrite: bool = False) -> dict:
-    """Encode and decode ``image``; the output has its shape, affine and intensity scale."""
-    output = check_output(output, image, overwrite=overwrite, run=run)
+                     overwrite: bool = False, fmt: str = "nifti") -> dict:
+    """Encode and decode ``image``; the output (NIfTI, or ``fmt="dicom"`` a DICOM series folder) has
+    its shape, affine and intensity scale."""
+    output = check_target(output, image, fmt=fmt, overwrite=overwrite, run=run)
     r, dev = _load(run, device)
     x, ctx = _prepare(r, image, dev)
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(r.vqvae.encode_indices(x)).float().clamp(0, 1)
     mse = float(F.mse_loss(x_hat, x))
     arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
-    save_nifti(arr, affine, output)
+    _write(arr, affine, output, fmt, overwrite, "reconstruction")
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
 

@@ -51,9 +51,13 @@ def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
     return marginal_logits(codes["train"].long(), k)
 
 
-def _outputs(out_dir: Path, count: int, dims: int) -> list[Path]:
-    ext = ".nii.gz" if dims == 3 else ".png"
-    return [out_dir / f"synth_{i:04d}{ext}" for i in range(count)]
+def _outputs(out_dir: Path, count: int, dims: int, fmt: str = "nifti") -> list[list[Path]]:
+    """Per sample its image(s): ``synth_0000.nii.gz`` and/or the DICOM series folder ``synth_0000/``
+    (3D), ``synth_0000.png`` (2D)."""
+    if dims != 3:
+        return [[out_dir / f"synth_{i:04d}.png"] for i in range(count)]
+    kinds = {"nifti": [".nii.gz"], "dicom": [""], "both": [".nii.gz", ""]}[fmt]
+    return [[out_dir / f"synth_{i:04d}{ext}" for ext in kinds] for i in range(count)]
 
 
 def _intensity(r: Any, cls: int | None) -> dict:
@@ -83,14 +87,16 @@ def _check_out_dir(out_dir: Path, planned: list[Path], overwrite: bool) -> None:
 def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, temperature: float = 1.0,
                top_k: int | None = None, batch_size: int = 16, cls: str | int | None = None,
                covariates: dict[str, float] | None = None, overwrite: bool = False, cached: bool = True,
-               device: str = "auto", progress: Progress | None = None, prior: str = "pixelcnn") -> dict:
+               device: str = "auto", progress: Progress | None = None, prior: str = "pixelcnn",
+               fmt: str = "nifti") -> dict:
     """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths.
 
     ``cls`` picks the class of a class-conditional prior (default: cycle through the classes);
     ``covariates`` (``{"age": 40}``) sets continuous covariates (default: the training means).
     ``prior`` is the trained prior (``pixelcnn``), or a baseline that answers "is a prior needed?":
     ``marginal`` draws each position's code independently from its training frequency there,
-    ``uniform`` draws codes uniformly at random."""
+    ``uniform`` draws codes uniformly at random. ``fmt``: ``nifti``, ``dicom`` (one DICOM series
+    folder per 3D sample, :mod:`mrivq.dicomout`) or ``both``."""
     from mrivq.io import save_nifti, save_png
     from mrivq.preview import grid, montage
     from mrivq.sampling import sample_independent, sample_tokens
@@ -110,9 +116,14 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         raise MrivqError(f"--prior {prior!r} is not one of {', '.join(PRIORS)}")
     if prior != "pixelcnn" and (cls is not None or covariates):
         raise MrivqError(f"--prior {prior} is unconditional; drop --class/--covariate or use --prior pixelcnn")
+    from mrivq.dicomout import check_format, save_dicom_series
+
+    check_format(fmt)
     dev = resolve_device(device)
     r = load_run(run, device=dev, need_prior=prior == "pixelcnn")
     dims = r.preprocess.dims
+    if dims != 3 and fmt != "nifti":
+        raise MrivqError(f"--format {fmt} is for 3D runs; run {r.path.name} is 2D and writes PNG")
     class_ids = None
     n_classes = getattr(r.prior, "num_classes", None) if prior == "pixelcnn" else None
     cls_id = r.class_id(cls)
@@ -127,7 +138,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                          f"{max_image_bytes() / 1e9:.3g} GB budget; synthesize in several calls (--seed S --out "
                          "DIR each) or raise MRIVQ_MAX_IMAGE_GB")
     out_dir = Path(out_dir)
-    planned = _outputs(out_dir, count, dims)
+    images_of = _outputs(out_dir, count, dims, fmt)
+    planned = [p for ps in images_of for p in ps]
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
             "temperature": temperature, "top_k": top_k, "prior": prior,
             "sampler": ("cached" if cached else "reference") if prior == "pixelcnn" else "independent"}
@@ -137,7 +149,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         return {**prov, "index": i, "class": c, "covariates": cov_values or None,
                 "class_name": r.class_names[c] if c is not None and r.class_names else None}
 
-    files = [[planned[i]] + ([out_dir / f"synth_{i:04d}.png"] if dims == 3 else []) + [out_dir / f"synth_{i:04d}.json"]
+    files = [images_of[i] + ([out_dir / f"synth_{i:04d}.png"] if dims == 3 else []) + [out_dir / f"synth_{i:04d}.json"]
              for i in range(count)]
     done = set() if overwrite else {i for i in range(count) if _complete(files[i], sidecar_of(i))}
     marker = out_dir / INPROGRESS
@@ -172,16 +184,22 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                 if dims == 3:
                     affine = D.synth_geometry(r.preprocess, xi.shape[1:])
                     vol = D.to_intensity(xi, _intensity(r, side["class"]))
-                    save_nifti(np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0], affine, planned[i])
-                    save_png(montage([xi]), files[i][1])
+                    arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
+                    for p in images_of[i]:
+                        if p.name.endswith(".nii.gz"):
+                            save_nifti(arr, affine, p)
+                        else:
+                            save_dicom_series(arr, affine, p, description=f"mrivq synth {i}", series_number=i + 1,
+                                              patient_id=f"SYNTHETIC-{i:04d}", overwrite=True)
+                    save_png(montage([xi]), files[i][-2])
                 else:
-                    save_png(np.moveaxis(xi, 0, -1) if xi.shape[0] == 3 else xi[0], planned[i])
+                    save_png(np.moveaxis(xi, 0, -1) if xi.shape[0] == 3 else xi[0], images_of[i][0])
                     decoded[i] = xi
                 write_json(files[i][-1], side)
             bar.advance(len(ids))
     images = [str(p) for p in planned]
     sidecars = [str(f[-1]) for f in files]
-    previews = [str(f[1]) for f in files] if dims == 3 else []
+    previews = [str(f[-2]) for f in files] if dims == 3 else []
     if dims == 2:
         g = out_dir / "grid.png"
         if done:  # the grid shows every sample: decode again the ones an earlier run wrote (cheap in 2D)
@@ -209,7 +227,10 @@ def _read_json(path: Path) -> Any:
 
 def _complete(paths: list[Path], sidecar: dict) -> bool:
     """A sample an earlier run of the same command finished: every file there, the sidecar equal."""
-    return all(p.is_file() for p in paths) and _read_json(paths[-1]) == json_roundtrip(sidecar)
+    def there(p: Path) -> bool:  # a file, or a DICOM series folder (it appears whole: see dicomout)
+        return p.is_file() or (p.is_dir() and any(p.glob("*.dcm")))
+
+    return all(there(p) for p in paths) and _read_json(paths[-1]) == json_roundtrip(sidecar)
 
 
 def json_roundtrip(d: dict) -> Any:
