@@ -8,6 +8,7 @@ Public API (imported lazily so ``mrivq --help`` stays fast):
 - :func:`mrivq.load_run` — a trained run's models together with its preprocessing.
 - :func:`mrivq.evaluate_realism` / :func:`mrivq.realism_metrics` — how real samples are (C2ST, MMD,
   MS-SSIM diversity, memorization, anatomy, FID on named features).
+- :class:`mrivq.SyntheticDataset` — a run's samples as a MONAI-style dataset, for downstream training.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _LAZY = {
     "evaluate_realism": ("mrivq.evaluate.realism", "evaluate_realism"),
     "realism_metrics": ("mrivq.evaluate.realism", "realism_metrics"),
     "MrivqError": ("mrivq.errors", "MrivqError"),
+    "SyntheticDataset": ("mrivq.synthdata", "SyntheticDataset"),
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -43,12 +43,13 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def _uniforms(seed: int | None, n: int, positions: int) -> torch.Tensor:
-    """``[n, positions]`` float64 uniforms; sample ``i`` uses its own generator (seeded from ``seed``)."""
+def _uniforms(seed: int | None, n: int, positions: int, first: int = 0) -> torch.Tensor:
+    """``[n, positions]`` float64 uniforms of samples ``first .. first+n-1``; sample ``i`` uses its own
+    generator, seeded with the ``i``-th number drawn from ``seed``."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
     master = torch.Generator().manual_seed(int(seed))
-    seeds = torch.randint(0, 2**62, (n,), generator=master).tolist()
+    seeds = torch.randint(0, 2**62, (first + n,), generator=master).tolist()[first:]
     return torch.stack([torch.rand(positions, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
                         for s in seeds]) if n else torch.empty(0, positions, dtype=torch.float64)
 
@@ -282,7 +283,7 @@ def _check(prior: Any, latent_shape: Sequence[int], temperature: float, top_k: i
 def sample_tokens(prior: GatedPixelCNN, latent_shape: Sequence[int], n: int, *, temperature: float = 1.0,
                   top_k: int | None = None, seed: int | None = None, cached: bool = True, cond: Cond = None,
                   batch_size: int | None = None, device: str | torch.device | None = None,
-                  progress: Any = None, _record: list | None = None) -> torch.LongTensor:
+                  progress: Any = None, first: int = 0, _record: list | None = None) -> torch.LongTensor:
     """Draw ``n`` code grids ``LongTensor[n, *latent_shape]`` from ``prior`` in raster order.
 
     Args:
@@ -294,12 +295,16 @@ def sample_tokens(prior: GatedPixelCNN, latent_shape: Sequence[int], n: int, *, 
         batch_size: samples drawn together (default: all ``n``).
         device: where to run (default: the prior's device); the prior itself is not moved.
         progress: a :class:`mrivq.progress.Progress` or a task with ``advance``; advanced per row.
+        first: return samples ``first .. first+n-1`` of the seed's sequence (``first=5, n=1`` is the
+            sixth grid of ``n=10``), so a seed's samples can be drawn one at a time or in parts.
 
     The prior runs in eval mode without gradients; its training flag is restored afterwards.
     """
     shape = _check(prior, latent_shape, temperature, top_k)
+    if first < 0:
+        raise MrivqError(f"first must be >= 0, got {first}")
     return _draw(prior, shape, int(n), None, temperature, top_k, seed, cached, cond, batch_size, device,
-                 progress, _record)
+                 progress, _record, first)
 
 
 def heal_tokens(prior: GatedPixelCNN, indices: torch.Tensor, resample: torch.Tensor, n: int = 1, *,
@@ -337,11 +342,11 @@ def _repeat_cond(cond: Cond, b: int, n: int) -> Cond:
 
 def _draw(prior: GatedPixelCNN, shape: tuple[int, ...], n: int, given: Given, temperature: float,
           top_k: int | None, seed: int | None, cached: bool, cond: Cond, batch_size: int | None,
-          device: str | torch.device | None, progress: Any, record: list | None) -> torch.LongTensor:
+          device: str | torch.device | None, progress: Any, record: list | None, first: int = 0) -> torch.LongTensor:
     dev = torch.device(device) if device is not None else prior.embedding.weight.device
     model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
     bs = max(1, int(batch_size or n or 1))
-    u = _uniforms(seed, n, math.prod(shape))
+    u = _uniforms(seed, n, math.prod(shape), first)
     out = torch.empty(n, *shape, dtype=torch.long, device=dev)
     with _eval_mode(model), _task(progress, n * math.prod(shape)) as task:
         for s in range(0, n, bs):

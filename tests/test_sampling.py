@@ -194,3 +194,13 @@ def test_heal_tokens_bad_input() -> None:
         heal_tokens(prior, idx, torch.zeros(1, 4, 4, dtype=torch.bool))
     with pytest.raises(MrivqError, match="resamples"):
         heal_tokens(prior, idx, torch.zeros(1, 4, 5, dtype=torch.bool), 0)
+
+
+def test_first_draws_a_part_of_the_seeds_sequence() -> None:
+    prior = _prior(3)
+    whole = sample_tokens(prior, (3, 4, 3), 6, seed=11)
+    for first in (0, 2, 5):
+        assert torch.equal(sample_tokens(prior, (3, 4, 3), 1, seed=11, first=first)[0], whole[first])
+    assert torch.equal(sample_tokens(prior, (3, 4, 3), 3, seed=11, first=3, batch_size=2), whole[3:])
+    with pytest.raises(MrivqError, match="first"):
+        sample_tokens(prior, (3, 4, 3), 1, seed=11, first=-1)
