@@ -504,6 +504,21 @@ def score(
 
 
 @app.command()
+def export(
+    run: Path | None = RunOpt,
+    bundle: Path = typer.Option(..., "--bundle", help="Folder to write the MONAI bundle into (new)."),
+    num_samples: int = typer.Option(4, "--num-samples", help="Volumes configs/inference.json synthesizes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a bundle mrivq exported before."),
+) -> None:
+    """Export a run as a MONAI bundle (metadata, inference config, weights, docs, licence)."""
+    from mrivq.bundle import export_bundle
+
+    out_dir = export_bundle(run, bundle, overwrite=overwrite, num_samples=num_samples)
+    out.print(f"wrote bundle {out_dir}; run it with: python -m monai.bundle run --config_file "
+              f"{out_dir}/configs/inference.json --bundle_root {out_dir}")
+
+
+@app.command()
 def presets() -> None:
     """List the shipped presets."""
     from mrivq.config import list_presets

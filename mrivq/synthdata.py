@@ -25,7 +25,8 @@ class SyntheticDataset(Dataset):
     ``class`` is -1 for an unconditional prior (an int always, so default collation batches it).
 
     Args:
-        run: a trained run folder (its prior samples the codes, its VQ-VAE decodes them).
+        run: a trained run folder (its prior samples the codes, its VQ-VAE decodes them), or a MONAI
+            bundle that ``mrivq export`` wrote.
         num_samples: items (with ``folder``: at most the volumes there).
         seed, temperature, top_k: as ``mrivq synth``.
         cls: one class of a class-conditional prior for every item (default: the classes in turn, as
@@ -43,13 +44,15 @@ class SyntheticDataset(Dataset):
                  top_k: int | None = None, cls: str | int | None = None,
                  covariates: dict[str, float] | None = None, intensity: str = "scaled",
                  folder: str | Path | None = None, transform: Any = None, device: str = "cpu") -> None:
+        from mrivq.bundle import is_bundle
         from mrivq.runs import resolve_run
 
         if int(num_samples) < 1:
             raise MrivqError(f"num_samples must be at least 1, got {num_samples}")
         if intensity not in ("scaled", "original"):
             raise MrivqError(f"intensity {intensity!r} is not one of scaled, original")
-        self.run_dir = resolve_run(run)
+        self.bundle = is_bundle(run)
+        self.run_dir = Path(run) if self.bundle else resolve_run(run)
         self.n, self.seed, self.temperature, self.top_k = int(num_samples), int(seed), float(temperature), top_k
         self.cls, self.covariates, self.intensity = cls, covariates, intensity
         self.transform, self.device = transform, device
@@ -72,10 +75,12 @@ class SyntheticDataset(Dataset):
 
     def _load(self) -> Any:
         if self._run is None:
+            from mrivq.bundle import load_bundle
             from mrivq.runs import load_run
 
-            self._run = load_run(self.run_dir, device=torch.device(self.device),
-                                 need_prior=self.files is None)
+            dev = torch.device(self.device)
+            self._run = load_bundle(self.run_dir, dev) if self.bundle else \
+                load_run(self.run_dir, device=dev, need_prior=self.files is None)
         return self._run
 
     def _class(self, r: Any, i: int) -> int | None:
@@ -134,7 +139,9 @@ class SyntheticDataset(Dataset):
         if self.intensity == "original":
             x = D.to_intensity(x, _intensity(r, c))
         affine = D.synth_geometry(r.preprocess, x.shape[1:])
-        item = {"image": MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(affine, dtype=torch.float64)),
+        image = MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(affine, dtype=torch.float64),
+                           meta={"filename_or_obj": f"synth_{i:04d}"})  # SaveImage names files by it
+        item = {"image": image,
                 "class": -1 if c is None else int(c), "index": i, "seed": self.seed}
         return self.transform(item) if self.transform is not None else item
 
