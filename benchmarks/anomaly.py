@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=24, help="lesion subjects to generate")
     ap.add_argument("--thresholds", default="0.001,0.01,0.05", help="healing thresholds (code probability)")
     ap.add_argument("--resamples", type=int, default=4)
+    ap.add_argument("--variant", action="append", default=[],
+                    help="an extra healed row with these HealOptions, e.g. threshold=0.05,smooth=1 (repeatable)")
+    ap.add_argument("--no-baselines", action="store_true", help="only the healed rows")
     ap.add_argument("--no-monai", action="store_true", help="skip MONAI's transformer row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
@@ -130,23 +133,29 @@ def main() -> None:
         cli("fetch", "phantom", "--lesions", "--name", args.dataset, "--count", str(args.count), "--seed", "1",
             "--root", str(root))
     rows: dict[str, dict] = {}
-    for i, t in enumerate(float(v) for v in args.thresholds.split(",")):
+    specs = [(f"healed@{t}", {"threshold": float(t)}) for t in args.thresholds.split(",") if t]
+    for v in args.variant:
+        kw = dict(kv.split("=", 1) for kv in v.split(","))
+        specs.append((f"healed[{v}]", {k: (val if k == "against" else float(val)) for k, val in kw.items()}))
+    for i, (name, kw) in enumerate(specs):
+        kw = {"resamples": args.resamples, "seed": args.seed, **kw}
+        kw["resamples"], kw["seed"] = int(kw["resamples"]), int(kw["seed"])
+        if "erode" in kw:
+            kw["erode"] = int(kw["erode"])
         t0 = time.perf_counter()
         res = evaluate_anomaly(run, f"{args.dataset}:{args.split}", root=root, device="cpu", overwrite=True,
-                               opts=HealOptions(threshold=t, resamples=args.resamples, seed=args.seed),
-                               json_out=work / f"anomaly_t{t}.json")["metrics"]
-        seconds = round(time.perf_counter() - t0, 1)
-        rows[f"healed@{t}"] = {**summary(res["methods"]["healed"]), "seconds": seconds,
-                               "n_subjects": res["n_subjects"]}
-        if i == 0:  # the baselines do not depend on the threshold
+                               opts=HealOptions(**kw), json_out=work / f"anomaly_{i}.json")["metrics"]
+        rows[name] = {**summary(res["methods"]["healed"]), "seconds": round(time.perf_counter() - t0, 1),
+                      "n_subjects": res["n_subjects"], "options": res["heal"]}
+        if i == 0 and not args.no_baselines:  # the baselines do not depend on the healing options
             rows["residual"] = summary(res["methods"]["residual"])
             rows["nll"] = summary(res["methods"]["nll"])
-        print(json.dumps({f"healed@{t}": rows[f"healed@{t}"]}), file=sys.stderr)
+        print(json.dumps({name: rows[name]}), file=sys.stderr)
     if not args.no_monai:
         rows["monai-nll"] = monai_rows(run, root, args.dataset, args.split, args.seed)
-    base = rows["residual"]["auprc"] or float("nan")
-    ratios = {k: (v["auprc"] / base if v.get("auprc") is not None else None) for k, v in rows.items()
-              if k.startswith("healed@")}
+    base = rows["residual"]["auprc"] if "residual" in rows else None
+    ratios = {k: v["auprc"] / base for k, v in rows.items()
+              if k.startswith("healed") and base and v.get("auprc") is not None}
     emit({"run": str(run), "dataset": f"{args.dataset}:{args.split}", "rows": rows,
           "healed_auprc_over_residual": ratios}, args.out)
 

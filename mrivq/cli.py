@@ -30,6 +30,7 @@ out = Console()
 err = Console(stderr=True)
 
 RootOpt = typer.Option(None, "--root", help="Data root (default: $MRIVQ_DATA, else a per-user data folder).")
+HEAL_SMOOTH = 0.0  # = mrivq.heal.HealOptions.smooth (not imported here: the CLI starts fast)
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -241,6 +242,8 @@ def eval_(
                                        "with lesion masks (default phantom-lesions:val)."),
     threshold: float = typer.Option(0.01, "--threshold", help="Anomaly: healing's code probability threshold."),
     resamples: int = typer.Option(4, "--resamples", help="Anomaly: healed versions averaged."),
+    zscore: float = typer.Option(0.0, "--zscore", help="Anomaly: healing's z-score flagging (0: --threshold)."),
+    smooth: float = typer.Option(HEAL_SMOOTH, "--smooth", help="Anomaly: Gaussian sigma (voxels) of every map."),
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
@@ -254,8 +257,9 @@ def eval_(
     if anomaly:
         from mrivq.heal import HealOptions
 
-        return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(threshold=threshold,
-                             resamples=resamples).validate(), json_out, root, device, overwrite)
+        return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(
+            threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth).validate(), json_out, root,
+            device, overwrite)
     if dataset is not None:
         raise MrivqError("--dataset goes with --anomaly")
     from mrivq.infer import evaluate
@@ -472,6 +476,9 @@ def score(
     threshold: float = typer.Option(0.01, "--threshold", help="--heal: redraw codes whose probability under "
                                     "the prior is below this."),
     resamples: int = typer.Option(4, "--resamples", help="--heal: healed versions averaged."),
+    zscore: float = typer.Option(0.0, "--zscore", help="--heal: flag codes this many SDs above their position's "
+                                 "NLL on the training codes, instead of --threshold (0: off)."),
+    smooth: float = typer.Option(HEAL_SMOOTH, "--smooth", help="--heal: Gaussian sigma (voxels) of the maps."),
     brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
                                            "geometry; the maps are zero outside it."),
     background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "
@@ -495,7 +502,7 @@ def score(
     from mrivq.heal import HealOptions
 
     opts = HealOptions(threshold=threshold, resamples=resamples, background=background, erode=erode,
-                       seed=seed).validate()
+                       seed=seed, zscore=zscore, smooth=smooth).validate()
     with Progress() as prog:
         res = heal_file(run, image, output, opts, healed=healed, brain=brain_mask, device=device, cls=class_,
                         covariates=_covariates(covariate), overwrite=overwrite, progress=prog)

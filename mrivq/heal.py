@@ -38,7 +38,14 @@ class HealOptions:
     ``resamples``: healed versions averaged; ``temperature``: of the redraws; ``background``: scaled
     intensity (0-1, as the model sees it) below which a voxel is outside the head in both the input
     and its healed reconstruction; ``erode``: voxels taken off the head's edge (partial volume and
-    interpolation light the edge up otherwise); ``seed``: same seed, same map."""
+    interpolation light the edge up otherwise); ``seed``: same seed, same map.
+
+    Levers measured by ``benchmarks/anomaly.py``: ``against`` is what the healed reconstructions are
+    compared with, the ``input`` (Pinaya et al.) or its ``reconstruction`` (which cancels the VQ-VAE's
+    own error on healthy tissue); ``smooth``: Gaussian sigma in voxels applied to the map and the baselines' (0: none);
+    ``zscore``: when above 0, flag a code whose NLL is that many standard deviations above the NLL at
+    its position in the run's healthy training codes, instead of by ``threshold`` (the prior is more
+    certain in some places than others: a fixed probability flags the uncertain places first)."""
 
     threshold: float = 0.01
     resamples: int = 4
@@ -46,6 +53,9 @@ class HealOptions:
     background: float = 0.05
     erode: int = 1
     seed: int = 0
+    against: str = "input"
+    smooth: float = 0.0
+    zscore: float = 0.0
 
     def validate(self) -> HealOptions:
         if not 0 < self.threshold < 1:
@@ -58,6 +68,12 @@ class HealOptions:
             raise MrivqError(f"--background is a scaled intensity in [0, 1), got {self.background}")
         if self.erode < 0:
             raise MrivqError(f"--erode must be >= 0 voxels, got {self.erode}")
+        if self.against not in ("input", "reconstruction"):
+            raise MrivqError(f"against={self.against!r} is not one of input, reconstruction")
+        if self.zscore < 0:
+            raise MrivqError(f"--zscore must be >= 0 (0: use --threshold), got {self.zscore}")
+        if self.smooth < 0:
+            raise MrivqError(f"--smooth must be >= 0 voxels, got {self.smooth}")
         return self
 
     def to_dict(self) -> dict:
@@ -86,8 +102,34 @@ def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.stack(filled)[:, None], device=mask.device).float()
 
 
+def _smooth(t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, 1, *spatial]`` (sigma in voxels; 0 leaves it)."""
+    if sigma <= 0:
+        return t
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=t.dtype, device=t.device) / sigma) ** 2)
+    k = k / k.sum()
+    conv = F.conv3d if t.ndim == 5 else F.conv2d
+    nd = t.ndim - 2
+    for axis in range(nd):
+        shape = [1, 1] + [1] * nd
+        shape[2 + axis] = 2 * r + 1
+        pad = [0] * (2 * nd)
+        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = r
+        t = conv(F.pad(t, pad, mode="replicate"), k.view(shape))
+    return t
+
+
+def nll_reference(prior: Any, codes: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position mean and standard deviation of the NLL of healthy code grids ``codes [N, *latent]``
+    (a run's training codes), for ``HealOptions.zscore``."""
+    nll = log_likelihood(prior, codes, batch_size=batch_size).float()
+    return nll.mean(0), nll.std(0).clamp_min(1e-3)
+
+
 def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any = None, *,
-         cached: bool = True, batch_size: int | None = None, progress: Any = None) -> dict[str, torch.Tensor]:
+         cached: bool = True, batch_size: int | None = None, progress: Any = None,
+         reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Heal a model-space batch ``x [B, C, *spatial]`` (a volume, or a 2D run's slices).
 
     Returns tensors on the model grid: ``anomaly``, ``recon_residual`` and ``nll`` (``[B, 1, *]``:
@@ -98,7 +140,13 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
     with torch.no_grad():
         idx = vqvae.encode_indices(x)
         nll = log_likelihood(prior, idx, cond, batch_size=batch_size).float()
-        resample = nll > -math.log(opts.threshold)
+        if opts.zscore > 0:
+            if reference is None:
+                raise MrivqError("zscore healing needs the NLL of healthy codes (a run's codes/codes.pt)")
+            mean, std = (t.to(nll.device) for t in reference)
+            resample = (nll - mean) / std > opts.zscore
+        else:
+            resample = nll > -math.log(opts.threshold)
         recon = vqvae.decode_indices(idx).float().clamp(0, 1)
         if resample.any():
             grids = heal_tokens(prior, idx, resample, opts.resamples, temperature=opts.temperature,
@@ -116,11 +164,13 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
         head = (xf.amax(1, keepdim=True) > opts.background) | (dec.mean(1).amax(1, keepdim=True) > opts.background)
         head = _erode(_fill_holes(head), opts.erode)
         weight = _upsample(resample[:, None].float(), size).clamp(0, 1)
-        residual = (xf[:, None] - dec).abs().mean(2).mean(1, keepdim=True)  # over channels, then resamples
+        ref = xf if opts.against == "input" else recon
+        residual = (ref[:, None] - dec).abs().mean(2).mean(1, keepdim=True)  # over channels, then resamples
         return {
-            "anomaly": residual * weight * head,
-            "recon_residual": (xf - recon).abs().mean(1, keepdim=True) * head,
-            "nll": _upsample(nll[:, None], size) * head,
+            "anomaly": _smooth(residual * weight, opts.smooth) * head,
+            # the baselines get the same smoothing, so that a comparison measures the method
+            "recon_residual": _smooth((xf - recon).abs().mean(1, keepdim=True), opts.smooth) * head,
+            "nll": _smooth(_upsample(nll[:, None], size), opts.smooth) * head,
             "healed": dec.mean(1),
             "resampled": resample,
             "head": head,

@@ -298,7 +298,8 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
 
     x, ctx = _prepare(r, image, dev)
     cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
-    res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress)
+    res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress,
+               reference=run_nll_reference(r) if opts.zscore > 0 else None)
     out: dict[str, Any] = {}
     for key in ("anomaly", "recon_residual", "nll"):
         out[key], affine = D.restore(_unbatch(res[key], ctx, r), ctx, intensity=False)
@@ -312,6 +313,26 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     out.update(affine=affine, resampled=float(res["resampled"].float().mean()),
                covariates=cov_values or None)
     return out
+
+
+def run_nll_reference(r: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NLL per position of the run's healthy training codes (:func:`mrivq.heal.nll_reference`),
+    computed once per loaded run."""
+    from mrivq.heal import nll_reference
+    from mrivq.runs import codes_path, load_codes
+
+    ref = getattr(r, "_nll_reference", None)
+    if ref is None:
+        if getattr(r.prior, "conditional", False):
+            raise MrivqError(f"run {r.path.name} has a conditional prior; --zscore needs an unconditional one "
+                             "(use --threshold)")
+        codes = load_codes(codes_path(r.path))
+        if codes is None or codes.get("vqvae_sha256") not in (None, r.checkpoints["vqvae"]):
+            raise MrivqError(f"run {r.path.name} has no usable codes/codes.pt for --zscore; run `mrivq train "
+                             f"--stage prior --run {r.path}` or use --threshold")
+        ref = nll_reference(r.prior, codes["train"].long().to(next(r.prior.parameters()).device))
+        r._nll_reference = ref
+    return ref
 
 
 def beside(output: Path, tag: str) -> Path:

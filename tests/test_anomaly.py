@@ -200,3 +200,30 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):
         with pytest.raises(MrivqError):
             HealOptions(**bad).validate()
+
+
+def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    import torch
+
+    from mrivq.heal import _smooth, nll_reference
+    from mrivq.runs import load_codes, load_run
+
+    img, _ = _lesion_subject(lesion_root, "tumour")
+    plain = _heal(trained_run, img, tmp_path / "p.nii.gz")
+    z = _heal(trained_run, img, tmp_path / "z.nii.gz", "--zscore", "1")
+    smooth = _heal(trained_run, img, tmp_path / "s.nii.gz", "--zscore", "1", "--smooth", "1")
+    assert z.shape == plain.shape and z.max() > 0 and smooth.max() < z.max()  # blurred peaks are lower
+    # the reference: per-position mean and SD of the training codes' NLL
+    r = load_run(trained_run, need_prior=True)
+    codes = load_codes(trained_run / "codes" / "codes.pt")["train"].long()
+    mean, std = nll_reference(r.prior, codes)
+    assert mean.shape == codes.shape[1:] and (std > 0).all()
+    # a Gaussian blur keeps the total and spreads a point evenly along every axis
+    t = torch.zeros(1, 1, 9, 9, 9)
+    t[0, 0, 4, 4, 4] = 1
+    b = _smooth(t, 1.0)
+    assert abs(float(b.sum()) - 1) < 1e-5 and float(b[0, 0, 4, 4, 4]) < 1
+    assert torch.allclose(b[0, 0, 3, 4, 4], b[0, 0, 4, 3, 4]) and torch.allclose(b[0, 0, 4, 3, 4], b[0, 0, 4, 4, 5])
+    res = invoke("score", str(img), "-o", str(tmp_path / "bad.nii.gz"), "--run", str(trained_run), "--heal",
+                 "--zscore", "-1")
+    assert res.exit_code == 2 and "--zscore" in res.output
