@@ -49,14 +49,15 @@ def summary(method: dict) -> dict:
     return out
 
 
-def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int) -> dict:
-    """MONAI's transformer likelihood map on the same subjects, region and calibration as eval."""
+def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smooth: float) -> dict:
+    """MONAI's transformer likelihood map on the same subjects, region, smoothing and calibration as eval."""
     from monai.inferers import VQVAETransformerInferer
 
     from benchmarks.realism import stage_seconds, train_monai
     from mrivq import data as D
     from mrivq.evaluate.anomaly import anomaly_metrics, best_dice
     from mrivq.evaluate.detect import brain_values_of, lesion_items, split_items, truth_and_region
+    from mrivq.heal import _smooth
     from mrivq.runs import load_run
 
     r = load_run(run)
@@ -76,7 +77,7 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int) -> di
                     transformer_model=m["transformer"], ordering=m["ordering"],
                     resample_latent_likelihoods=True,
                     resample_interpolation_mode="trilinear")
-            nll = -torch.log(lik.clamp_min(1e-12))[0]
+            nll = _smooth(-lik, smooth)[0]  # get_likelihood returns log-likelihoods
             xm = torch.as_tensor(x)
             head = (xm.amax(0, keepdim=True) > 0.05).float()
             arr, _ = D.restore(nll * head, ctx, intensity=False)
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="phantom-lesions")
     ap.add_argument("--split", default="val")
     ap.add_argument("--count", type=int, default=24, help="lesion subjects to generate")
-    ap.add_argument("--thresholds", default="0.001,0.01,0.05", help="healing thresholds (code probability)")
+    ap.add_argument("--thresholds", default="0.05", help="healing thresholds (code probability), comma-separated")
     ap.add_argument("--resamples", type=int, default=4)
     ap.add_argument("--variant", action="append", default=[],
                     help="an extra healed row with these HealOptions, e.g. threshold=0.05,smooth=1 (repeatable)")
@@ -152,7 +153,8 @@ def main() -> None:
             rows["nll"] = summary(res["methods"]["nll"])
         print(json.dumps({name: rows[name]}), file=sys.stderr)
     if not args.no_monai:
-        rows["monai-nll"] = monai_rows(run, root, args.dataset, args.split, args.seed)
+        first = rows[specs[0][0]]["options"]["smooth"] if specs else HealOptions().smooth
+        rows["monai-nll"] = monai_rows(run, root, args.dataset, args.split, args.seed, first)
     base = rows["residual"]["auprc"] if "residual" in rows else None
     ratios = {k: v["auprc"] / base for k, v in rows.items()
               if k.startswith("healed") and base and v.get("auprc") is not None}

@@ -162,7 +162,8 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
         return F.cross_entropy(tf(sb[:, :-1]).transpose(1, 2), sb[:, 1:])
 
     tsteps, loss = train_for(tf, budgets["prior"], tf_loss, pr)
-    record = {"vqvae_steps": steps, "transformer_steps": tsteps, "transformer_final_loss": loss,
+    record = {"vqvae_steps": steps, "vqvae_codes_used": int(codes.unique().numel()), "transformer_steps": tsteps,
+              "transformer_final_loss": loss,
               "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, use_flash_attention (torch SDPA)",
               "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}
     return {"vqvae": vq, "transformer": tf, "ordering": ordering, "latent": latent, "start_token": k,

@@ -30,7 +30,8 @@ out = Console()
 err = Console(stderr=True)
 
 RootOpt = typer.Option(None, "--root", help="Data root (default: $MRIVQ_DATA, else a per-user data folder).")
-HEAL_SMOOTH = 0.0  # = mrivq.heal.HealOptions.smooth (not imported here: the CLI starts fast)
+# = mrivq.heal.HealOptions' defaults (not imported here: the CLI starts fast); benchmarks/anomaly.py chose them
+HEAL_THRESHOLD, HEAL_SMOOTH = 0.05, 2.0
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -240,7 +241,8 @@ def eval_(
                                  "and measure the maps against its lesion masks."),
     dataset: str | None = typer.Option(None, "--dataset", help="Anomaly: NAME[:val|train|all] of a dataset "
                                        "with lesion masks (default phantom-lesions:val)."),
-    threshold: float = typer.Option(0.01, "--threshold", help="Anomaly: healing's code probability threshold."),
+    threshold: float = typer.Option(HEAL_THRESHOLD, "--threshold", help="Anomaly: healing's code probability "
+                                    "threshold."),
     resamples: int = typer.Option(4, "--resamples", help="Anomaly: healed versions averaged."),
     zscore: float = typer.Option(0.0, "--zscore", help="Anomaly: healing's z-score flagging (0: --threshold)."),
     smooth: float = typer.Option(HEAL_SMOOTH, "--smooth", help="Anomaly: Gaussian sigma (voxels) of every map."),
@@ -473,7 +475,7 @@ def score(
                               "unlikely codes from the prior, decode, residual where codes were redrawn."),
     healed: Path | None = typer.Option(None, "--healed", help="--heal: where the healed volume goes "
                                        "(default: beside -o as NAME_healed.nii.gz; the NLL map goes to NAME_nll)."),
-    threshold: float = typer.Option(0.01, "--threshold", help="--heal: redraw codes whose probability under "
+    threshold: float = typer.Option(HEAL_THRESHOLD, "--threshold", help="--heal: redraw codes whose probability under "
                                     "the prior is below this."),
     resamples: int = typer.Option(4, "--resamples", help="--heal: healed versions averaged."),
     zscore: float = typer.Option(0.0, "--zscore", help="--heal: flag codes this many SDs above their position's "

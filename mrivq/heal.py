@@ -47,14 +47,14 @@ class HealOptions:
     its position in the run's healthy training codes, instead of by ``threshold`` (the prior is more
     certain in some places than others: a fixed probability flags the uncertain places first)."""
 
-    threshold: float = 0.01
+    threshold: float = 0.05
     resamples: int = 4
     temperature: float = 1.0
     background: float = 0.05
     erode: int = 1
     seed: int = 0
     against: str = "input"
-    smooth: float = 0.0
+    smooth: float = 2.0
     zscore: float = 0.0
 
     def validate(self) -> HealOptions:
