@@ -385,13 +385,51 @@ def _threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+#: a sampling expected to take longer than this many seconds says so before most of it runs
+ANNOUNCE_ABOVE_S = 30.0
+
+
+class _Estimate:
+    """A progress task that, after the first ``1/50`` of the codes (or first second) is sampled, notes
+    how long the whole sampling will take, when that is above :data:`ANNOUNCE_ABOVE_S` (a run whose
+    latent grid is large, or many samples, should not run for hours without a word)."""
+
+    def __init__(self, task: Any, progress: Any, total: int) -> None:
+        import time
+
+        self.task, self.progress, self.total, self.done = task, progress, max(int(total), 1), 0
+        self.t0, self.said, self.clock = time.perf_counter(), False, time.perf_counter
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        if self.task is not None:
+            self.task.advance(n)
+        if self.said or not hasattr(self.progress, "note"):
+            return
+        spent = self.clock() - self.t0
+        if self.done >= self.total / 50 or spent >= 1.0:
+            self.said = True
+            left = spent * (self.total - self.done) / max(self.done, 1)
+            if spent + left > ANNOUNCE_ABOVE_S:
+                self.progress.note(f"sampling {self.total:,} codes will take about {_duration(spent + left)} "
+                                   f"({self.done / max(spent, 1e-9):,.0f} codes/s so far)")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @contextmanager
 def _task(progress: Any, total: int) -> Iterator[Any]:
     if progress is None:
         yield None
     elif hasattr(progress, "task"):
         with progress.task("sample codes", total=total, unit="code") as t:
-            yield t
+            yield _Estimate(t, progress, total)
     else:
         yield progress
 

@@ -204,3 +204,25 @@ def test_first_draws_a_part_of_the_seeds_sequence() -> None:
     assert torch.equal(sample_tokens(prior, (3, 4, 3), 3, seed=11, first=3, batch_size=2), whole[3:])
     with pytest.raises(MrivqError, match="first"):
         sample_tokens(prior, (3, 4, 3), 1, seed=11, first=-1)
+
+
+def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
+    import mrivq.sampling as S
+
+    class Recorder(Progress):
+        def __init__(self) -> None:
+            super().__init__(enabled=False)
+            self.notes: list[str] = []
+
+        def note(self, message: str) -> None:
+            self.notes.append(message)
+
+    prior = _prior(3)
+    quiet = Recorder()
+    sample_tokens(prior, (3, 4, 3), 2, seed=0, progress=quiet)
+    assert quiet.notes == []  # a short sampling says nothing
+    monkeypatch.setattr(S, "ANNOUNCE_ABOVE_S", -1.0)  # every sampling counts as long
+    told = Recorder()
+    sample_tokens(prior, (3, 4, 3), 2, seed=0, progress=told)
+    assert len(told.notes) == 1 and "sampling 72 codes will take about" in told.notes[0]
+    assert S._duration(30) == "30 s" and S._duration(600) == "10 min" and S._duration(7200) == "2.0 h"
