@@ -541,6 +541,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     err.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
+def _from_ctrl_c(e: BaseException) -> bool:
+    """Whether an exception's chain holds a KeyboardInterrupt (typer's ``Exit(130)`` from Ctrl-C)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        if isinstance(x, KeyboardInterrupt):
+            return True
+        seen.add(id(x))
+        x = x.__cause__ or x.__context__
+    return False
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
     from mrivq import distributed as ddp
@@ -551,6 +563,12 @@ def main() -> None:
         warnings.showwarning = _one_line_warning
     try:
         app()
+    except (KeyboardInterrupt, SystemExit) as e:  # typer turns Ctrl-C into exit code 130, silently
+        if isinstance(e, SystemExit) and not _from_ctrl_c(e):
+            raise  # a normal exit, or training's own "interrupted at step N" (exit 130, already said)
+        err.print(f"[red]interrupted:[/] {escape(who)}what was finished is kept; run the same command again to "
+                  "continue", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except Exception as e:
         if debug:
             raise

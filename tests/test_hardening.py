@@ -12,6 +12,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -325,3 +326,34 @@ def test_outputs_follow_the_users_umask(trained_run: Path, tmp_path: Path) -> No
         os.umask(old)
     for p in [tmp_path / "c.npz", *sorted((tmp_path / "s").glob("synth_0000.*"))]:
         assert os.stat(p).st_mode & 0o777 == 0o640, p
+
+
+def test_ctrl_c_in_synth_keeps_finished_samples_and_a_rerun_continues(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A real SIGINT to a running `mrivq synth`: one line, exit 130, every sample with a sidecar complete
+    (volume and preview too), and the same command again finishes the rest without --overwrite."""
+    import signal as sig
+
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "mrivq", "synth", "--run", str(trained_run), "--count", "400", "--out", str(out),
+           "--device", "cpu", "--batch-size", "400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not list(out.glob("synth_*.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("synth finished before the signal arrived (a very fast machine)")
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    said = [x for x in stderr.splitlines() if x.startswith("interrupted:")]  # beside the progress lines
+    assert len(said) == 1 and "run the same command again" in said[0], stderr
+    sidecars = sorted(out.glob("synth_*.json"))
+    assert 0 < len(sidecars) < 400
+    for side in sidecars:
+        stem = side.name.removesuffix(".json")
+        assert (out / f"{stem}.nii.gz").is_file() and (out / f"{stem}.png").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    assert f"{len(sidecars)} of 400 samples are already complete" in again.stderr + again.stdout
+    assert len(list(out.glob("synth_*.json"))) == 400
