@@ -22,7 +22,34 @@ from mrivq.errors import MrivqError, user_message
 from mrivq.paths import resolve_root
 from mrivq.progress import Progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _OneLineUsage(typer.core.TyperGroup):
+    """Command-line usage errors (an unknown command, a missing or extra argument, a bad option value) as
+    mrivq errors: one line naming the problem and the ``--help`` to read, exit code 2, like every other
+    bad input (typer would print a usage block and a boxed message)."""
+
+    @staticmethod
+    def _one_line(e: Exception) -> Exception:
+        if type(e).__name__ == "NoArgsIsHelpError" or not hasattr(e, "format_message") \
+                or not hasattr(e, "ctx") or getattr(e, "exit_code", None) != 2:
+            return e
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "mrivq"
+        return MrivqError(f"{e.format_message()} (see `{where} --help`)")
+
+    def parse_args(self, ctx, args):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            raise self._one_line(e) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineUsage,
                   help="Vector-quantized autoencoders and PixelCNN priors for MRI, on MONAI.")
 datasets_app = typer.Typer(help="List the dataset catalogue, or show one card.")
 app.add_typer(datasets_app, name="datasets")

@@ -357,3 +357,19 @@ def test_ctrl_c_in_synth_keeps_finished_samples_and_a_rerun_continues(trained_ru
     assert again.returncode == 0, again.stderr
     assert f"{len(sidecars)} of 400 samples are already complete" in again.stderr + again.stdout
     assert len(list(out.glob("synth_*.json"))) == 400
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["presets", "nosuch"], "unexpected extra argument"), (["nosuch"], "No such command 'nosuch'"),
+    (["synth", "--count", "abc"], "Invalid value for '--count'"), (["--bogus"], "No such option: --bogus"),
+    (["score"], "Missing argument"), (["datasets", "show"], "Missing argument 'name'"),
+])
+def test_command_line_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    proc = _mrivq(*args)
+    _assert_one_line(proc, needle)
+    assert "--help" in proc.stderr
+
+
+def test_no_arguments_still_prints_the_help() -> None:
+    proc = _mrivq()
+    assert "Usage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
