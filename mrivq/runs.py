@@ -309,7 +309,16 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
 
         prior = GatedPixelCNN(**info["model_config"]["prior"])
         p_path = checkpoint_path(run_dir, "prior", which)
-        p_ck = load_checkpoint(p_path, map_location=device)
+        try:
+            p_ck = load_checkpoint(p_path, map_location=device)
+        except RunError as e:
+            if need_prior:
+                raise
+            # encode, decode, reconstruct and eval need only the VQ-VAE: say so and go on without the prior
+            import warnings
+
+            warnings.warn(f"{e}; continuing without the prior (this command does not need it)", stacklevel=2)
+            return run
         # absent in checkpoints from before it was recorded
         trained_on = p_ck.get("vqvae_sha256") if isinstance(p_ck, dict) else None
         best = checkpoint_path(run_dir, "vqvae", "best")

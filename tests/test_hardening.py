@@ -373,3 +373,17 @@ def test_command_line_usage_errors_are_one_line(args: list[str], needle: str) ->
 def test_no_arguments_still_prints_the_help() -> None:
     proc = _mrivq()
     assert "Usage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_damaged_prior_does_not_stop_commands_that_need_only_the_vqvae(trained_run: Path, phantom_root: Path,  # noqa: F811
+                                                                         tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for name in ("prior_best.pt", "prior_last.pt"):
+        (run / "checkpoints" / name).write_bytes(b"\x00" * 100)
+    img = next((phantom_root / "phantom").glob("sub-*/sub-*_t1.nii.gz"))
+    proc = _mrivq("encode", str(img), "-o", str(tmp_path / "c.npz"), "--run", str(run), "--device", "cpu")
+    assert proc.returncode == 0 and (tmp_path / "c.npz").is_file(), proc.stderr
+    assert "continuing without the prior" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _mrivq("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--device", "cpu")
+    _assert_one_line(proc, "prior_best.pt cannot be read")
