@@ -18,24 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import cli, emit, quickstart_run  # noqa: E402
 
 KEEP = ("auprc", "auroc", "best_dice", "dice")
-
-
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
 
 
 def summary(method: dict) -> dict:
@@ -55,8 +49,8 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
 
     from benchmarks.realism import stage_seconds, train_monai
     from mrivq import data as D
-    from mrivq.evaluate.anomaly import anomaly_metrics, best_dice
-    from mrivq.evaluate.detect import brain_values_of, lesion_items, split_items, truth_and_region
+    from mrivq.evaluate.anomaly import anomaly_metrics
+    from mrivq.evaluate.detect import brain_values_of, calibrated_threshold, lesion_items, split_items, truth_and_region
     from mrivq.heal import _smooth
     from mrivq.runs import load_run
 
@@ -91,11 +85,7 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
 
     t0 = time.perf_counter()
     mp, tr, rg = maps(measured)
-    thr = None
-    if calib:
-        cm, ct, cr = maps(calib)
-        thr = best_dice(np.concatenate([a[b] for a, b in zip(cm, cr, strict=True)]),
-                        np.concatenate([a[b] for a, b in zip(ct, cr, strict=True)]))[1]
+    thr = calibrated_threshold(*maps(calib)) if calib else None
     res = anomaly_metrics(mp, tr, rg, threshold=thr)["pooled"]
     return {**{k: res.get(k) for k in KEEP}, "seconds": round(time.perf_counter() - t0, 1), **m["record"]}
 
@@ -123,13 +113,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="mrivq-anomaly-"))
     work.mkdir(parents=True, exist_ok=True)
     root = args.root or work / "data"
-    run = args.run
-    if run is None:
-        run = work / "run"
-        if not (run / "checkpoints" / "prior_best.pt").is_file():
-            cli("fetch", "phantom", "--root", str(root))
-            cli("train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu",
-                "--out", str(run), *(["--resume"] if (run / "run.json").exists() else []))
+    run = args.run or quickstart_run(work / "run", root)
     if not (root / args.dataset / "manifest.csv").is_file():
         cli("fetch", "phantom", "--lesions", "--name", args.dataset, "--count", str(args.count), "--seed", "1",
             "--root", str(root))

@@ -5,8 +5,24 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
+
+
+def cli(*args: str) -> None:
+    """Run ``mrivq ARGS`` as a user would, in a subprocess."""
+    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
+
+
+def quickstart_run(run: Path, root: Path) -> Path:
+    """The README quick start's run at ``run`` (phantom fetched into ``root``), trained unless it is
+    already, resumed if it was cut off."""
+    if not (run / "checkpoints" / "prior_best.pt").is_file():
+        cli("fetch", "phantom", "--root", str(root))
+        cli("train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu",
+            "--out", str(run), *(["--resume"] if (run / "run.json").exists() else []))
+    return run
 
 
 def emit(out: dict, path: str | Path | None = None) -> None:

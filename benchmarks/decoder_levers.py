@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import emit  # noqa: E402
-from benchmarks.realism import KEEP, cli, recon_row  # noqa: E402
+from benchmarks.common import cli, emit  # noqa: E402
+from benchmarks.realism import KEEP, recon_row  # noqa: E402
 
 LEVERS = {
     "mse": "",

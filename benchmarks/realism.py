@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import emit, quickstart_run  # noqa: E402
 
 ROWS = {
     "pixelcnn": {"prior": "pixelcnn", "temperature": 1.0},
@@ -50,10 +49,6 @@ ROWS = {
 KEEP = ("c2st_accuracy", "c2st_p_value", "mmd", "mmd_floor", "mmd_linear_monai", "mmd_linear_monai_floor",
         "ms_ssim_synth", "ms_ssim_real", "memorization", "memorization_min", "mask_dice_synth", "mask_dice_real",
         "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "n_synth", "n_real", "n_train")
-
-
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -206,13 +201,7 @@ def main() -> None:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="mrivq-realism-"))
     work.mkdir(parents=True, exist_ok=True)
-    run = args.run
-    if run is None:
-        run = work / "run"
-        if not (run / "checkpoints" / "prior_best.pt").is_file():
-            cli("fetch", "phantom", "--root", str(work / "data"))
-            cli("train", "--dataset", "phantom", "--root", str(work / "data"), "--preset", "vqvae3d-cpu",
-                "--out", str(run), *(["--resume"] if (run / "run.json").exists() else []))
+    run = args.run or quickstart_run(work / "run", work / "data")
     from mrivq.runs import load_run
 
     info = load_run(run).info

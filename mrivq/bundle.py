@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +145,7 @@ def _version(pkg: str) -> str:
         return "unknown"
 
 
-def _readme(r: Run, licence: str, citation: str) -> str:
+def _readme(r: Run, licence: str, citation: str, num_samples: int) -> str:
     ds = r.info.get("dataset", "unknown")
     licence = licence or f"see the dataset card (`mrivq datasets show {ds}`)"
     return f"""# mrivq run {r.path.name} as a MONAI bundle
@@ -168,7 +166,7 @@ Weights derived from data inherit its terms: check them before you share this bu
 ## Run
     python -m monai.bundle run --config_file configs/inference.json --bundle_root .
 
-writes `num_samples` (default {_inference_config(4)['num_samples']}) volumes to `samples/`; override with
+writes `num_samples` (default {num_samples}) volumes to `samples/`; override with
 `--num_samples 10 --seed 3`. In Python: `mrivq.SyntheticDataset("path/to/bundle", 10)`.
 """
 
@@ -178,7 +176,7 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
     """Write run ``run`` as a MONAI bundle folder ``out`` (see the module docstring); the folder
     appears whole (written beside it, then renamed) and replaces an existing bundle only with
     ``overwrite``."""
-    from mrivq.atomic import atomic_write_bytes
+    from mrivq.atomic import atomic_folder, atomic_write_bytes
     from mrivq.runs import load_run
 
     r = load_run(run, need_prior=True)
@@ -192,12 +190,13 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
         raise MrivqError(f"folder {out.parent} does not exist; create it first")
     if out.resolve().is_relative_to(r.path.resolve()):
         raise MrivqError(f"bundle folder {out} is inside run {r.path.name}; choose a folder outside it")
+    from mrivq.synth import _read_json
+
     realism = None
     for p in sorted(r.path.glob("**/realism.json")):
-        try:
-            realism = json.loads(p.read_text()).get("metrics") or json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
+        found = _read_json(p)
+        if isinstance(found, dict):
+            realism = found.get("metrics") or found
     licence = citation = ""
     try:
         from mrivq.catalog import get_card
@@ -206,8 +205,7 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
         licence, citation = card.licence, card.citation
     except Exception:  # noqa: BLE001 - a dataset without a card (a user's folder): say so in the README
         pass
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for sub in ("configs", "models", "docs"):
             (tmp / sub).mkdir()
         torch.save(r.vqvae.state_dict(), tmp / "models" / "model.pt")
@@ -219,22 +217,9 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
         dump("configs/metadata.json", _metadata(r, realism))
         dump("configs/inference.json", _inference_config(num_samples))
         dump("configs/mrivq.json", {k: r.info[k] for k in _INFO_KEYS if k in r.info})
-        atomic_write_bytes(tmp / "docs" / "README.md", _readme(r, licence, citation).encode())
+        atomic_write_bytes(tmp / "docs" / "README.md", _readme(r, licence, citation, num_samples).encode())
         atomic_write_bytes(tmp / "LICENSE", (
             "The code that runs this bundle (mrivq) is under its own licence. These weights were trained on "
             f"{r.info.get('dataset', 'unknown data')}, licence: {licence or 'see the dataset card'}; "
             "they are shared under the same terms.\n").encode())
-        from mrivq.dicomout import _dir_mode
-
-        for p in [tmp, *tmp.rglob("*")]:
-            p.chmod(_dir_mode() if p.is_dir() else _dir_mode() & 0o666)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old is not None:
-            out.replace(old)
-        tmp.replace(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mrivq import __version__
-from mrivq.errors import MrivqError, user_message
+from mrivq.errors import MrivqError, find_in_chain, user_message
 from mrivq.paths import resolve_root
 from mrivq.progress import Progress
 
@@ -59,6 +59,13 @@ err = Console(stderr=True)
 RootOpt = typer.Option(None, "--root", help="Data root (default: $MRIVQ_DATA, else a per-user data folder).")
 # = mrivq.heal.HealOptions' defaults (not imported here: the CLI starts fast); benchmarks/anomaly.py chose them
 HEAL_THRESHOLD, HEAL_SMOOTH = 0.05, 2.0
+# healing's options, shared by `score --heal` and `eval --anomaly`
+HealThresholdOpt = typer.Option(HEAL_THRESHOLD, "--threshold", help="Healing: redraw codes whose probability "
+                                "under the prior is below this.")
+HealResamplesOpt = typer.Option(4, "--resamples", help="Healing: healed versions averaged.")
+HealZscoreOpt = typer.Option(0.0, "--zscore", help="Healing: flag codes this many SDs above their position's NLL "
+                             "on the training codes, instead of --threshold (0: off).")
+HealSmoothOpt = typer.Option(HEAL_SMOOTH, "--smooth", help="Healing: Gaussian sigma (voxels) of the maps.")
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -268,11 +275,10 @@ def eval_(
                                  "and measure the maps against its lesion masks."),
     dataset: str | None = typer.Option(None, "--dataset", help="Anomaly: NAME[:val|train|all] of a dataset "
                                        "with lesion masks (default phantom-lesions:val)."),
-    threshold: float = typer.Option(HEAL_THRESHOLD, "--threshold", help="Anomaly: healing's code probability "
-                                    "threshold."),
-    resamples: int = typer.Option(4, "--resamples", help="Anomaly: healed versions averaged."),
-    zscore: float = typer.Option(0.0, "--zscore", help="Anomaly: healing's z-score flagging (0: --threshold)."),
-    smooth: float = typer.Option(HEAL_SMOOTH, "--smooth", help="Anomaly: Gaussian sigma (voxels) of every map."),
+    threshold: float = HealThresholdOpt,
+    resamples: int = HealResamplesOpt,
+    zscore: float = HealZscoreOpt,
+    smooth: float = HealSmoothOpt,
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
@@ -502,12 +508,10 @@ def score(
                               "unlikely codes from the prior, decode, residual where codes were redrawn."),
     healed: Path | None = typer.Option(None, "--healed", help="--heal: where the healed volume goes "
                                        "(default: beside -o as NAME_healed.nii.gz; the NLL map goes to NAME_nll)."),
-    threshold: float = typer.Option(HEAL_THRESHOLD, "--threshold", help="--heal: redraw codes whose probability under "
-                                    "the prior is below this."),
-    resamples: int = typer.Option(4, "--resamples", help="--heal: healed versions averaged."),
-    zscore: float = typer.Option(0.0, "--zscore", help="--heal: flag codes this many SDs above their position's "
-                                 "NLL on the training codes, instead of --threshold (0: off)."),
-    smooth: float = typer.Option(HEAL_SMOOTH, "--smooth", help="--heal: Gaussian sigma (voxels) of the maps."),
+    threshold: float = HealThresholdOpt,
+    resamples: int = HealResamplesOpt,
+    zscore: float = HealZscoreOpt,
+    smooth: float = HealSmoothOpt,
     brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
                                            "geometry; the maps are zero outside it."),
     background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "
@@ -570,14 +574,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _from_ctrl_c(e: BaseException) -> bool:
     """Whether an exception's chain holds a KeyboardInterrupt (typer's ``Exit(130)`` from Ctrl-C)."""
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        if isinstance(x, KeyboardInterrupt):
-            return True
-        seen.add(id(x))
-        x = x.__cause__ or x.__context__
-    return False
+    return find_in_chain(e, KeyboardInterrupt) is not None
 
 
 def main() -> None:

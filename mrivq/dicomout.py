@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mrivq import __version__
+from mrivq.atomic import atomic_folder
 from mrivq.errors import MrivqError
 
 PATIENT_NAME = "SYNTHETIC^MRIVQ"
@@ -49,13 +48,6 @@ def check_series_folder(folder: Path, overwrite: bool) -> Path:
     return folder
 
 
-def _dir_mode() -> int:
-    """What ``mkdir`` would give (``mkdtemp`` makes 0o700): 0o777 less the umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
 def _quantise(vol: np.ndarray) -> tuple[np.ndarray, float, float]:
     lo, hi = float(vol.min()), float(vol.max())
     slope = (hi - lo) / 65535.0 if hi > lo else 1.0
@@ -74,9 +66,8 @@ def save_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: str | os.P
                       patient_id: str = "SYNTHETIC", overwrite: bool = False) -> Path:
     """Write ``volume`` ([X, Y, Z], RAS ``affine`` as for NIfTI) as one DICOM series in ``folder``.
 
-    The folder appears complete or not at all: slices are written into a temporary folder beside it,
-    which then takes its place (with ``overwrite``, an existing series is replaced only after the new
-    one is complete)."""
+    The folder appears complete or not at all (:func:`mrivq.atomic.atomic_folder`; with ``overwrite``,
+    an existing series is replaced only after the new one is complete)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -100,9 +91,7 @@ def save_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: str | os.P
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     centre, width = (float(vol.max()) + float(vol.min())) / 2, max(float(vol.max() - vol.min()), 1e-6)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(tmp, _dir_mode())
-    try:
+    with atomic_folder(folder) as tmp:
         for k in range(vol.shape[2]):
             meta = FileMetaDataset()
             meta.MediaStorageSOPClassUID = MRImageStorage
@@ -135,14 +124,4 @@ def save_dicom_series(volume: np.ndarray, affine: np.ndarray, folder: str | os.P
             ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
             ds.PixelData = px.tobytes()
             ds.save_as(tmp / f"IM{k + 1:04d}.dcm", enforce_file_format=True)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder

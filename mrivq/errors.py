@@ -37,6 +37,20 @@ class RunError(MrivqError):
     """A folder is not an mrivq run, or lacks what the command needs."""
 
 
+def find_in_chain(e: BaseException, kind: type[BaseException] | tuple[type[BaseException], ...]
+                  ) -> BaseException | None:
+    """The first exception of ``kind`` in ``e``'s chain (``e``, then its causes and contexts): libraries
+    wrap errors (MONAI's transforms in RuntimeError, typer's Ctrl-C in ``Exit(130)``)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kind):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _os_message(e: OSError) -> str:
     import errno
 

@@ -270,19 +270,25 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     return {"path": str(output), "mean_nll": float(nll.mean()), "covariates": cov_values or None}
 
 
-def load_mask(path: Path, shape: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
-    """A binary mask (NIfTI, nonzero = inside) that must have the input's ``shape`` and not be empty."""
+def read_mask(path: Path, shape: tuple[int, ...], what: str,
+              advice: str = "pass a NIfTI mask in the input's geometry") -> np.ndarray:
+    """A mask or label volume's values; it must exist and have ``shape`` (``advice`` ends the message)."""
     from mrivq.io import load_volume
 
     path = Path(path)
     if not path.is_file():
-        raise MrivqError(f"{what} {path} does not exist; pass a NIfTI mask in the input's geometry")
+        raise MrivqError(f"{what} {path} does not exist; {advice}")
     m = np.asarray(load_volume(path)[0])
     m = m.reshape(m.shape[:3]) if m.ndim > 3 and all(s == 1 for s in m.shape[3:]) else m
     if tuple(m.shape) != tuple(shape):
         raise MrivqError(f"{what} {path} is {'x'.join(map(str, m.shape))} but the input is "
-                         f"{'x'.join(map(str, shape))}; pass a mask in the input's geometry")
-    m = m > 0
+                         f"{'x'.join(map(str, shape))}; {advice}")
+    return m
+
+
+def load_mask(path: Path, shape: tuple[int, ...], what: str = "brain mask") -> np.ndarray:
+    """A binary mask (NIfTI, nonzero = inside) that must have the input's ``shape`` and not be empty."""
+    m = read_mask(path, shape, what) > 0
     if not m.any():
         raise MrivqError(f"{what} {path} is empty (no nonzero voxel); pass a mask of the brain")
     return m

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mrivq.errors import MrivqError
+from mrivq.lesions import MASK_VALUE, insert_lesion, lesion_kind_for
 
 if TYPE_CHECKING:
     from mrivq.progress import Progress
@@ -588,8 +589,6 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
             (out_dir / sid).mkdir(exist_ok=True)
             extra: dict[str, Any] = {}
             if lesions:
-                from mrivq.lesions import MASK_VALUE, insert_lesion, lesion_kind_for
-
                 vols, mask, lesion = insert_lesion({m: sub[m] for m in mods}, sub["labels"], spacing,
                                                    lesion_kind_for(index), np.random.default_rng([seed, index, 7]))
                 sub.update(vols)

@@ -103,21 +103,15 @@ class SyntheticDataset(Dataset):
         return x, c
 
     def _read(self, r: Any, i: int) -> tuple[np.ndarray, int | None]:
-        import json
-
         from mrivq.data.intensity import intensity_range
         from mrivq.io import load_volume
-        from mrivq.synth import _intensity
+        from mrivq.synth import _intensity, _read_json
 
         assert self.files is not None
         arr, _ = load_volume(self.files[i])
         side = self.files[i].with_name(self.files[i].name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
-        c = None
-        if side.is_file():
-            try:
-                c = json.loads(side.read_text()).get("class")
-            except (OSError, ValueError):
-                c = None
+        meta = _read_json(side)
+        c = meta.get("class") if isinstance(meta, dict) else None
         x = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
         lo, hi = intensity_range(_intensity(r, c))  # back to the model's 0-1 scale
         shape = (-1,) + (1,) * (x.ndim - 1)

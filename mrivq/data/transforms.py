@@ -28,7 +28,7 @@ from monai.transforms import (
 
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import _is_image2d, _load_source
-from mrivq.errors import ImageReadError, MrivqError
+from mrivq.errors import ImageReadError, MrivqError, find_in_chain
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -239,13 +239,8 @@ def _pad_crop_map(in_shape: tuple[int, ...], pre: Preprocess) -> tuple[torch.Ten
 
 def _unwrap_error(e: BaseException) -> MrivqError | None:
     """MONAI wraps transform errors in RuntimeError('applying transform ...'); find ours inside."""
-    seen, cur = set(), e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, MrivqError):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+    found = find_in_chain(e, MrivqError)
+    return found if isinstance(found, MrivqError) else None
 
 
 def _run(fn, *args):

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mrivq.errors import MrivqError
-from mrivq.evaluate.anomaly import anomaly_metrics, best_dice
+from mrivq.evaluate.anomaly import anomaly_metrics
 
 METHODS = ("healed", "residual", "nll")
 _MAP_KEY = {"healed": "anomaly", "residual": "recon_residual", "nll": "nll"}
@@ -85,25 +85,17 @@ def split_items(items: list[dict], split: str) -> tuple[list[dict], list[dict]]:
     return (val, train) if split == "val" else (train, val)
 
 
-def _load_mask(path: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
-    from mrivq.io import load_volume
-
-    m = np.asarray(load_volume(path)[0])
-    m = m.reshape(m.shape[:3]) if m.ndim > 3 and all(s == 1 for s in m.shape[3:]) else m
-    if tuple(m.shape) != tuple(shape):
-        raise MrivqError(f"{what} {path} is {'x'.join(map(str, m.shape))} but its image is "
-                         f"{'x'.join(map(str, shape))}; the dataset is damaged, fetch it again")
-    return m
-
-
 def truth_and_region(ddir: Path, item: dict, head: np.ndarray, brain_values: list[int] | None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """A subject's lesion mask (its values: the kinds) and the voxels measured: the brain (from the
     phantom's labels) where known, else the head, always with the lesion itself."""
-    mask = _load_mask(ddir / item["mask"], head.shape, "lesion mask")
+    from mrivq.infer import read_mask
+
+    damaged = "the dataset is damaged, fetch it again"
+    mask = read_mask(ddir / item["mask"], head.shape, "lesion mask", damaged)
     region = head
     if brain_values and item.get("labels"):
-        region = np.isin(_load_mask(ddir / item["labels"], head.shape, "label map"), brain_values)
+        region = np.isin(read_mask(ddir / item["labels"], head.shape, "label map", damaged), brain_values)
     return mask, region | (mask > 0)
 
 
@@ -150,6 +142,12 @@ def _analyse(r: Any, dev: Any, ddir: Path, items: list[dict], opts: Any, lesions
                 _picture(pictures / f"{it['subject']}.png", img, mask > 0, maps["healed"][-1])
             bar.advance(1)
     return {"maps": maps, "truths": truths, "regions": regions, "info": info}
+
+
+def calibrated_threshold(maps: list, truths: list, regions: list) -> float | None:
+    """The threshold of the best pooled Dice on calibration subjects (None without lesion voxels)."""
+    thr = anomaly_metrics(maps, truths, regions)["pooled"]["best_threshold"]
+    return None if thr != thr else thr
 
 
 def _table(a: dict, method: str, idx: list[int], threshold: float | None) -> dict:
@@ -202,9 +200,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     if calib:
         c = _analyse(r, dev, ddir, calib, opts, lesions, brain_values, progress, None, "calibration")
         for m in METHODS:
-            s = np.concatenate([mp[rg] for mp, rg in zip(c["maps"][m], c["regions"], strict=True)])
-            t = np.concatenate([tr[rg] for tr, rg in zip(c["truths"], c["regions"], strict=True)])
-            thresholds[m] = best_dice(s, t)[1] if t.any() else None
+            thresholds[m] = calibrated_threshold(c["maps"][m], c["truths"], c["regions"])
     names = [i["subject"] for i in a["info"]]
     result: dict[str, Any] = {"dataset": name, "split": split, "run": str(r.path), "heal": opts.to_dict(),
                               "n_subjects": len(measured), "n_calibration": len(calib), "methods": {}}
