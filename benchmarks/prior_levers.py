@@ -40,7 +40,12 @@ def copy_stage1(run: Path, dst: Path, model: dict, train: dict) -> None:
         shutil.copytree(run / "codes", dst / "codes", dirs_exist_ok=True)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     prior = cfg.setdefault("prior", {})
-    prior["model"] = {**prior.get("model", {}), **model}
+    base = prior.get("model", {})
+    if model.get("family", "pixelcnn") != base.get("family", "pixelcnn"):  # another family: its own options only
+        from mrivq.builders import FAMILY_ONLY
+
+        base = {k: v for k, v in base.items() if k not in FAMILY_ONLY[base.get("family", "pixelcnn")]}
+    prior["model"] = {**base, **model}
     prior["train"] = {**prior.get("train", {}), **train}
     (dst / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     info = json.loads((run / "run.json").read_text())
@@ -58,15 +63,18 @@ def step_cost(run: Path, steps: int, batch: int = 8) -> float:
     import torch
     import torch.nn.functional as F
 
+    from mrivq.models.maskgit import masked_token_loss, random_masks
     from mrivq.runs import codes_path, load_run
 
     prior = load_run(run, need_prior=True).prior.train()
     codes = torch.load(codes_path(run), weights_only=True)["train"][:batch].long()
     opt = torch.optim.Adam(prior.parameters(), lr=1e-4)
+    masked = getattr(prior, "family", "pixelcnn") == "maskgit"
+    mask = random_masks(len(codes), codes[0].numel(), torch.Generator().manual_seed(0))
     times = []
     for _ in range(steps + 2):
         t = time.perf_counter()
-        loss = F.cross_entropy(prior(codes), codes)
+        loss = masked_token_loss(prior, codes, mask) if masked else F.cross_entropy(prior(codes), codes)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,6 +136,7 @@ def main() -> None:
         prior = load_run(dst, need_prior=True).prior
         rows[name] = {**{k: m.get(k) for k in KEEP}, "lever": model, "prior_seconds": stage_seconds(dst).get("prior"),
                       "prior_val_nats": info["stages"]["prior"]["val"].get("val_nats_per_token"),
+                      "prior_val_masked_nats": info["stages"]["prior"]["val"].get("val_masked_nats"),
                       "prior_params": sum(p.numel() for p in prior.parameters()),
                       "volumes_per_min": round(60 * args.count / synth_s, 1)}
         print(json.dumps({name: rows[name]}), file=sys.stderr)

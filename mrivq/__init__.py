@@ -4,7 +4,9 @@ Public API (imported lazily so ``mrivq --help`` stays fast):
 
 - :class:`mrivq.VQVAE` — 2D/3D quantized autoencoder (``encode_indices``, ``decode_indices``).
 - :class:`mrivq.GatedPixelCNN` — masked-convolution prior over code grids, 2D/3D, no blind spot.
-- :func:`mrivq.sample_tokens` — reference and cached incremental samplers.
+- :class:`mrivq.MaskedTokenPrior` — parallel-decoding (MaskGIT) prior over the same code grids.
+- :func:`mrivq.sample_tokens` — reference and cached incremental samplers (parallel decoding for a
+  masked-token prior).
 - :func:`mrivq.load_run` — a trained run's models together with its preprocessing.
 - :func:`mrivq.evaluate_realism` / :func:`mrivq.realism_metrics` — how real samples are (C2ST, MMD,
   MS-SSIM diversity, memorization, anatomy, FID on named features).
@@ -21,6 +23,7 @@ _LAZY = {
     "VQVAE": ("mrivq.models.vqvae", "VQVAE"),
     "VectorQuantizerEMA": ("mrivq.models.quantizer", "VectorQuantizerEMA"),
     "GatedPixelCNN": ("mrivq.models.pixelcnn", "GatedPixelCNN"),
+    "MaskedTokenPrior": ("mrivq.models.maskgit", "MaskedTokenPrior"),
     "sample_tokens": ("mrivq.sampling", "sample_tokens"),
     "load_run": ("mrivq.runs", "load_run"),
     "evaluate_realism": ("mrivq.evaluate.realism", "evaluate_realism"),

@@ -41,9 +41,9 @@ def is_bundle(path: str | Path) -> bool:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Run:
     """A bundle exported by :func:`export_bundle` as a :class:`~mrivq.runs.Run` (VQ-VAE and prior)."""
+    from mrivq.builders import prior_from_config
     from mrivq.data import Preprocess
     from mrivq.errors import RunError
-    from mrivq.models.pixelcnn import GatedPixelCNN
     from mrivq.models.vqvae import VQVAE
     from mrivq.runs import file_sha256
 
@@ -51,7 +51,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Run:
     try:
         info = json.loads((root / "configs" / "mrivq.json").read_text())
         vq = VQVAE(**info["model_config"]["vqvae"])
-        prior = GatedPixelCNN(**info["model_config"]["prior"])
+        prior = prior_from_config(info["model_config"]["prior"])
         for net, name in ((vq, "model.pt"), (prior, "prior.pt")):
             net.load_state_dict(torch.load(root / "models" / name, map_location=device, weights_only=True))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:

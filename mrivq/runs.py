@@ -218,7 +218,7 @@ class Run:
     info: dict
     preprocess: Any  # mrivq.data.Preprocess
     vqvae: Any  # mrivq.models.vqvae.VQVAE
-    prior: Any | None = None  # mrivq.models.pixelcnn.GatedPixelCNN
+    prior: Any | None = None  # GatedPixelCNN or MaskedTokenPrior (mrivq.builders.prior_from_config)
     checkpoints: dict[str, str] = field(default_factory=dict)  # stage -> sha256
 
     @property
@@ -305,9 +305,9 @@ def load_run(path: str | Path | None = None, *, device: str | torch.device = "cp
     vq.to(device).eval()
     run = Run(run_dir, cfg, info, pre, vq, checkpoints={"vqvae": file_sha256(ck_path)})
     if "prior" in info.get("model_config", {}) and checkpoint_path(run_dir, "prior", which).is_file():
-        from mrivq.models.pixelcnn import GatedPixelCNN
+        from mrivq.builders import prior_from_config
 
-        prior = GatedPixelCNN(**info["model_config"]["prior"])
+        prior = prior_from_config(info["model_config"]["prior"])
         p_path = checkpoint_path(run_dir, "prior", which)
         try:
             p_ck = load_checkpoint(p_path, map_location=device)

@@ -29,7 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from mrivq.errors import MrivqError
+from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio
 from mrivq.models.pixelcnn import Cond, GatedPixelCNN, gate, pad_axes
+
+
+def _need_autoregressive(prior: Any) -> None:
+    if isinstance(prior, MaskedTokenPrior):
+        raise MrivqError("healing and likelihood maps need the autoregressive prior (prior.model.family: pixelcnn); "
+                         "this run's prior is maskgit, which has no per-code likelihood")
+    if not isinstance(prior, GatedPixelCNN):
+        raise MrivqError(f"expected a GatedPixelCNN prior, got {type(prior).__name__}")
 
 
 @contextmanager
@@ -267,9 +276,12 @@ def _rows(lead: Sequence[int]) -> Iterator[tuple[int, ...]]:
         yield tuple(reversed(idx))
 
 
-def _check(prior: Any, latent_shape: Sequence[int], temperature: float, top_k: int | None) -> tuple[int, ...]:
-    if not isinstance(prior, GatedPixelCNN):
-        raise MrivqError(f"expected a GatedPixelCNN prior, got {type(prior).__name__}")
+def _check(prior: Any, latent_shape: Sequence[int], temperature: float, top_k: int | None,
+           masked_ok: bool = False) -> tuple[int, ...]:
+    if masked_ok and isinstance(prior, MaskedTokenPrior):
+        pass
+    else:
+        _need_autoregressive(prior)
     shape = tuple(int(s) for s in latent_shape)
     if len(shape) != prior.spatial_dims or min(shape) < 1:
         raise MrivqError(f"latent shape {shape} does not fit a {prior.spatial_dims}D prior")
@@ -298,11 +310,19 @@ def sample_tokens(prior: GatedPixelCNN, latent_shape: Sequence[int], n: int, *, 
         first: return samples ``first .. first+n-1`` of the seed's sequence (``first=5, n=1`` is the
             sixth grid of ``n=10``), so a seed's samples can be drawn one at a time or in parts.
 
+    A :class:`~mrivq.models.maskgit.MaskedTokenPrior` is decoded in its ``decode_steps`` parallel steps
+    instead (:func:`sample_masked`; ``cached`` does not apply, ``cond`` must be None).
+
     The prior runs in eval mode without gradients; its training flag is restored afterwards.
     """
-    shape = _check(prior, latent_shape, temperature, top_k)
+    shape = _check(prior, latent_shape, temperature, top_k, masked_ok=True)
     if first < 0:
         raise MrivqError(f"first must be >= 0, got {first}")
+    if isinstance(prior, MaskedTokenPrior):
+        if cond is not None:
+            raise MrivqError("the maskgit prior is unconditional; sample it without a class/covariates")
+        return sample_masked(prior, int(n), temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size,
+                             device=device, progress=progress, first=first)
     return _draw(prior, shape, int(n), None, temperature, top_k, seed, cached, cond, batch_size, device,
                  progress, _record, first)
 
@@ -328,6 +348,65 @@ def heal_tokens(prior: GatedPixelCNN, indices: torch.Tensor, resample: torch.Ten
     out = _draw(prior, shape, b * n, (fixed, keep), temperature, top_k, seed, cached,
                 _repeat_cond(cond, b, n), batch_size, device, progress, None)
     return out.view(b, n, *shape)
+
+
+def sample_masked(prior: MaskedTokenPrior, n: int, *, steps: int | None = None, temperature: float = 1.0,
+                  top_k: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                  device: str | torch.device | None = None, progress: Any = None, first: int = 0
+                  ) -> torch.LongTensor:
+    """``n`` code grids from a masked-token prior by MaskGIT's parallel decoding (Chang et al. 2022).
+
+    From an all-masked grid, each of ``steps`` (default: the prior's ``decode_steps``) evaluations of the
+    network draws a code for every masked position (the same temperature/top-k inverse-CDF rule as the
+    autoregressive samplers), scores each drawn code by its log-probability plus Gumbel noise scaled by
+    ``choice_temperature * (1 - (t+1)/steps)``, and masks again the ``floor(N cos(pi/2 (t+1)/steps))``
+    least confident (at least one code is fixed per step; none is left masked after the last).
+    Randomness: per sample its own generator, ``2 N`` uniforms per step, so a sample depends only on
+    ``seed`` and its index (``first`` as in :func:`sample_tokens`), not on ``batch_size``."""
+    steps = int(steps or prior.decode_steps)
+    if steps < 1:
+        raise MrivqError(f"decode steps must be >= 1, got {steps}")
+    shape, npos = prior.latent_shape, math.prod(prior.latent_shape)
+    dev = torch.device(device) if device is not None else prior.embedding.weight.device
+    model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
+    bs = max(1, int(batch_size or n or 1))
+    u = _uniforms(seed, n, 2 * steps * npos, first)
+    out = torch.empty(n, *shape, dtype=torch.long, device=dev)
+    with _eval_mode(model), _task(progress, n * npos) as task:
+        for s in range(0, n, bs):
+            e = min(n, s + bs)
+            out[s:e] = _decode_masked(model, u[s:e].to(dev), steps, temperature, top_k, task).view(e - s, *shape)
+    return out
+
+
+def _decode_masked(prior: MaskedTokenPrior, u: torch.Tensor, steps: int, temperature: float, top_k: int | None,
+                   task: Any) -> torch.Tensor:
+    b, npos, k = u.shape[0], math.prod(prior.latent_shape), prior.num_embeddings
+    tokens = torch.full((b, npos), prior.mask_token, dtype=torch.long, device=u.device)
+    masked = torch.ones(b, npos, dtype=torch.bool, device=u.device)
+    for t in range(steps):
+        logits = prior(tokens.view(b, *prior.latent_shape)).flatten(2).transpose(1, 2)  # [b, N, K]
+        ut = u[:, 2 * t * npos:(2 * t + 1) * npos]
+        ug = u[:, (2 * t + 1) * npos:(2 * t + 2) * npos].clamp(1e-300, 1 - 1e-16)
+        drawn = pick(logits.reshape(b * npos, k), ut.reshape(-1), temperature, top_k).view(b, npos)
+        conf = torch.log_softmax(logits.double(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
+        noise = prior.choice_temperature * (1 - (t + 1) / steps)
+        if noise > 0:
+            conf = conf - noise * torch.log(-torch.log(ug))  # + Gumbel(0, 1)
+        tokens = torch.where(masked, drawn, tokens)
+        left = math.floor(npos * mask_ratio((t + 1) / steps)) if t + 1 < steps else 0
+        before = int(masked.sum(1).max()) if task is not None else 0
+        if left > 0:
+            n_masked = masked.sum(1)
+            keep = torch.clamp(torch.minimum(torch.full_like(n_masked, left), n_masked - 1), min=0)
+            rank = conf.masked_fill(~masked, float("inf")).argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+            masked = rank < keep[:, None]
+            tokens = torch.where(masked, torch.full_like(tokens, prior.mask_token), tokens)
+        else:
+            masked = torch.zeros_like(masked)
+        if task is not None:
+            task.advance(b * (before - int(masked.sum(1).max())))
+    return tokens
 
 
 def _repeat_cond(cond: Cond, b: int, n: int) -> Cond:
@@ -441,8 +520,7 @@ def log_likelihood(prior: GatedPixelCNN, indices: torch.Tensor, cond: Cond = Non
     Equals ``F.cross_entropy(prior(indices, cond), indices, reduction="none")``; computed in eval mode
     without gradients. Summing over the grid gives the code grid's total NLL.
     """
-    if not isinstance(prior, GatedPixelCNN):
-        raise MrivqError(f"expected a GatedPixelCNN prior, got {type(prior).__name__}")
+    _need_autoregressive(prior)
     idx = indices.long().to(prior.embedding.weight.device)
     b = idx.shape[0]
     bs = max(1, int(batch_size or b or 1))

@@ -120,6 +120,9 @@ SCHEMA: dict[str, Any] = {
             "kernel_size": POS, "num_classes": optional(POS), "num_covariates": NONNEG, "cond_dim": POS,
             "latent_shape": optional(int_list()), "positions": choice(None, "none", "axes", "grid"),
             "position_dim": POS, "attention_every": NONNEG, "attention_heads": POS,
+            # the parallel-decoding family (mrivq.models.maskgit)
+            "family": choice("pixelcnn", "maskgit"), "num_blocks": POS, "dilations": int_list(),
+            "decode_steps": POS, "choice_temperature": number(0),
         },
         "train": dict(_TRAIN_COMMON),
     },

@@ -182,22 +182,38 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
 
     total = total_steps(tcfg, n, bs)
 
+    masked = getattr(prior, "family", "pixelcnn") == "maskgit"
+    best_key = "val_masked_nats" if masked else "val_nats_per_token"
+
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
-        ids = ddp.shard(batch_indices(step, n, bs, tcfg["seed"]))
+        batch = batch_indices(step, n, bs, tcfg["seed"])
+        ids = ddp.shard(batch)
         idx = tr[ids].to(device).long()
-        logits = net(idx, _cond_rows(tr_lab, tr_cov, ids, device))
-        loss = F.cross_entropy(logits.float(), idx)
+        if masked:  # the masks, like the batch, are a function of the step: resume stays exact
+            from mrivq.models.maskgit import masked_token_loss, random_masks
+
+            g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
+            rows = ddp.shard(list(range(len(batch))))
+            mask = random_masks(len(batch), idx[0].numel(), g)[rows].to(device)
+            loss = masked_token_loss(net, idx, mask)
+        else:
+            logits = net(idx, _cond_rows(tr_lab, tr_cov, ids, device))
+            loss = F.cross_entropy(logits.float(), idx)
         return loss, {"nats": float(loss.detach()), "items": float(len(ids) * ddp.world())}
 
     def val_fn() -> dict:
-        return {"val_nats_per_token": nats_per_token(prior, va, va_lab, bs, device, va_cov)}
+        if masked:
+            from mrivq.models.maskgit import masked_nats
+
+            return {best_key: masked_nats(prior, va, bs, device)}
+        return {best_key: nats_per_token(prior, va, va_lab, bs, device, va_cov)}
 
     lc = LoopConfig(stage="prior", run_dir=run_dir, total_steps=total, lr=float(tcfg["lr"]),
                     warmup_steps=int(tcfg["warmup_steps"]), min_lr_ratio=float(tcfg["min_lr_ratio"]),
                     weight_decay=float(tcfg["weight_decay"]), grad_clip=float(tcfg["grad_clip"]),
                     val_every=int(tcfg["val_every"]), ckpt_every=int(tcfg["ckpt_every"]),
                     log_every=int(tcfg["log_every"]), amp=tcfg["amp"], higher_is_better=False,
-                    best_key="val_nats_per_token")
+                    best_key=best_key)
     val = run_loop(lc, prior, device, step_fn, val_fn, resume=resume, progress=progress,
                    extra_state=lambda: {"vqvae_sha256": codes["vqvae_sha256"]})
     update_run_info(run_dir, stages={**read_run_info(run_dir).get("stages", {}),
