@@ -6,7 +6,8 @@ same codes, steps and schedule), synthesizes ``--count`` volumes and measures th
         --lever none='{}' --lever axes='{"positions": "axes"}' --lever attn='{"attention_every": 4}'
 
 A lever is ``NAME=JSON`` of ``prior.model`` keys (``prior.train`` keys under ``"train"``; ``NAME={}``
-is the run's own prior, measured without training it again). Each prior
+is the run's own prior, measured without training it again; ``{"from": "OTHER", "decode_steps": 24}``
+samples lever ``OTHER``'s trained prior with other sampling-time keys, without training). Each prior
 trains in a copy of the run (``WORK/NAME``: config, run.json, VQ-VAE checkpoints and code cache),
 so the run itself is untouched; a rerun resumes an unfinished prior and skips a finished one.
 """
@@ -54,6 +55,17 @@ def copy_stage1(run: Path, dst: Path, model: dict, train: dict) -> None:
     (dst / "run.json").write_text(json.dumps(info, indent=2))
     lines = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if '"stage": "vqvae"' in ln]
     (dst / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def copy_sampling_variant(src: Path, dst: Path, keys: dict) -> None:
+    """``dst``: the trained lever ``src`` with the prior's sampling-time constructor keys (the maskgit
+    family's ``decode_steps``, ``choice_temperature``) replaced in run.json; no training."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("samples*"))
+    info = json.loads((dst / "run.json").read_text())
+    info["model_config"]["prior"].update(keys)
+    (dst / "run.json").write_text(json.dumps(info, indent=2))
 
 
 def step_cost(run: Path, steps: int, batch: int = 8) -> float:
@@ -114,9 +126,12 @@ def main() -> None:
                           "volumes_per_min": round(60 * args.count / (time.perf_counter() - t0), 1)}
             print(json.dumps({name: rows[name]}), file=sys.stderr)
             continue
+        base = model.pop("from", None)
         done = (dst / "run.json").is_file() and json.loads((dst / "run.json").read_text()).get(
             "stages", {}).get("prior", {}).get("done")
-        if not done and not model and not train:  # no lever: the run's own prior, not trained again
+        if base:  # a sampling variant of a trained lever: its checkpoints, other sampling keys in run.json
+            copy_sampling_variant(args.work / base, dst, model)
+        elif not done and not model and not train:  # no lever: the run's own prior, not trained again
             copy_stage1(args.run, dst, model, train)
             for f in ("prior_best.pt", "prior_last.pt"):
                 shutil.copy2(args.run / "checkpoints" / f, dst / "checkpoints" / f)

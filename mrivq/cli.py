@@ -201,7 +201,7 @@ def train(
     prior_max_steps: int | None = typer.Option(None, "--prior-max-steps", help="Stage-2 optimizer steps."),
     root: Path | None = RootOpt,
 ) -> None:
-    """Train the VQ-VAE (stage 1) and the PixelCNN prior (stage 2) into a run folder.
+    """Train the VQ-VAE (stage 1) and the prior (stage 2: the PixelCNN, or --set prior.model.family=maskgit).
 
     Under `torchrun --nproc_per_node=N -m mrivq train ...` each of N processes (GPUs) takes an equal
     share of every batch: train.batch_size is the global batch, so a run learns the same with any N.
@@ -222,27 +222,18 @@ def _train(req, stage: str, run: Path | None, out_dir: Path | None, resume: bool
     from mrivq import distributed as ddp
     from mrivq import runconfig as RC
     from mrivq.loop import Interrupted, resolve_device
-    from mrivq.runs import check_run_folder, is_run, resolve_run
     from mrivq.train import train_run
 
     main = ddp.is_main()
-    run_dir = run or out_dir
-    cfg, data_dir, meta = None, None, None
-    if resume or stage == "prior":  # continue a run: the folder must be one (or the latest under runs/)
-        run_dir = resolve_run(run_dir)
-    # rank 0 decides (the others could otherwise see the run folder rank 0 has just begun)
-    if not ddp.broadcast(run_dir is not None and is_run(Path(run_dir))):
-        cfg, data_dir = RC.new_run_config(req, resolve_root(root), resolve_device(device).type)
-        run_dir = ddp.broadcast(run_dir or RC.new_run_folder(cfg, req.dataset))  # one folder for all ranks
-        meta = RC.run_meta(cfg, req.dataset)
-        if main:
-            check_run_folder(Path(run_dir))  # before saying which folder it trains into
-            err.print(f"preset {cfg['preset']}; run folder {run_dir}")
+    t = RC.train_target(req, stage, run, out_dir, resume, resolve_root(root), resolve_device(device).type)
+    run_dir = t.run_dir
+    if t.new and main:
+        err.print(f"preset {t.cfg['preset']}; run folder {run_dir}")
     try:
         with Progress(enabled=main) as prog:
-            summary = train_run(cfg, data_dir=data_dir, run_dir=Path(run_dir), stage=stage, resume=resume,
+            summary = train_run(t.cfg, data_dir=t.data_dir, run_dir=run_dir, stage=stage, resume=resume,
                                 device=device, max_steps=max_steps, epochs=epochs,
-                                prior_max_steps=prior_max_steps, progress=prog, meta=meta, request=req)
+                                prior_max_steps=prior_max_steps, progress=prog, meta=t.meta, request=req)
     except Interrupted as e:
         if main:
             err.print(f"{e}; checkpoint written. Continue with: mrivq train --resume --out {run_dir}")

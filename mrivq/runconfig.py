@@ -148,3 +148,40 @@ def _changes(cfg: dict, over: dict, prefix: str = "") -> list[str]:
         elif cfg.get(k, _MISSING) != v:
             out.append(f"{prefix}{k}")
     return out
+
+
+@dataclass
+class TrainTarget:
+    """Where a ``mrivq train`` call trains: the run folder and, for a new run, its config, data folder
+    and what run.json records of the request (all None when an existing run is continued)."""
+
+    run_dir: Path
+    cfg: dict | None = None
+    data_dir: Path | None = None
+    meta: dict | None = None
+
+    @property
+    def new(self) -> bool:
+        return self.cfg is not None
+
+
+def train_target(req: TrainRequest, stage: str, run: Path | None, out_dir: Path | None, resume: bool,
+                 data_root: Path, device_type: str) -> TrainTarget:
+    """The run a ``train`` call continues (``--resume`` or ``--stage prior``: ``--run``/``--out`` or the
+    latest run) or the new run it starts (``--out`` or a new folder under ``runs/``). Under torchrun
+    rank 0 decides and every rank gets its answer, so all train into one folder."""
+    from mrivq import distributed as ddp
+    from mrivq.runs import check_run_folder, is_run, resolve_run
+
+    run_dir = run or out_dir
+    if resume or stage == "prior":  # continue a run: the folder must be one (or the latest under runs/)
+        run_dir = resolve_run(run_dir)
+    # rank 0 decides (the others could otherwise see the run folder rank 0 has just begun)
+    if ddp.broadcast(run_dir is not None and is_run(Path(run_dir))):
+        return TrainTarget(Path(run_dir))
+    cfg, data_dir = new_run_config(req, data_root, device_type)
+    run_dir = ddp.broadcast(run_dir or new_run_folder(cfg, req.dataset))  # one folder for all ranks
+    if ddp.is_main():
+        check_run_folder(Path(run_dir))
+    return TrainTarget(Path(run_dir), cfg, data_dir, run_meta(cfg, req.dataset))
+

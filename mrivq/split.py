@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,53 @@ from mrivq.errors import MrivqError
 from mrivq.progress import Progress
 
 
+class LazyDataset(torch.utils.data.Dataset):
+    """A dataset built (its cache filled) on first use: ``--stage prior`` with a valid code cache, or
+    ``eval`` of the validation half, never preprocess the part they do not read."""
+
+    def __init__(self, build: Any) -> None:
+        self._build, self._ds = build, None
+
+    @property
+    def dataset(self) -> Any:
+        if self._ds is None:
+            self._ds, self._build = self._build(), None  # picklable once built (DataLoader workers)
+        return self._ds
+
+    @property
+    def built(self) -> bool:
+        return self._ds is not None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+
 @dataclass
 class Split:
-    train: Any  # torch Dataset of {"image", "subject", ["label"]}
+    train: Any  # torch Dataset of {"image", "subject", ["label"]} (a LazyDataset)
     val: Any
     pre: D.Preprocess
-    stats: dict
+    _stats: Any  # a callable until first read, then the dict (see ``stats``)
     classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
     covariates: dict | None = None  # {"columns", "mean", "std", "missing"} (data.covariates)
     covariate_values: dict | None = None  # subject -> z-scores, one per column
     subjects: dict | None = None  # {"train": [...], "val": [...]} in item order: what run.json records
 
+    @property
+    def stats(self) -> dict:
+        """The training subjects' intensity ranges (read from up to 16 subjects on first use)."""
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
+
 
 def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
                subjects: dict | None = None) -> Split:
-    """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets.
+    """Manifest -> rows of the chosen modalities -> seeded subject split -> cached datasets, each built
+    (preprocessed into its cache) when first used.
 
     ``subjects`` (a run's recorded split, :attr:`Split.subjects`) fixes which subjects are training and
     validation, in that order: subjects fetched later stay out, and a recorded subject that the
@@ -74,14 +107,18 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
     kw = {"cache": cache, "cache_dir": cache_dir, "progress": progress, "cache_dtype": tcfg["cache_dtype"],
           "num_workers": _fill_workers(tcfg["cache_workers"])}
-    train = D.make_dataset(tr_rows, data_dir, pre, **kw)
-    val = D.make_dataset(va_rows, data_dir, pre, **kw)
-    stats = D.dataset_intensity_stats(tr_rows, data_dir, pre)
-    if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
-        by_mod: dict[str, list] = {}
-        for r in tr_rows:
-            by_mod.setdefault(r["modality"], []).append(r)
-        stats["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
+    train = LazyDataset(partial(D.make_dataset, tr_rows, data_dir, pre, **kw))
+    val = LazyDataset(partial(D.make_dataset, va_rows, data_dir, pre, **kw))
+
+    def stats() -> dict:
+        out = D.dataset_intensity_stats(tr_rows, data_dir, pre)
+        if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
+            by_mod: dict[str, list] = {}
+            for r in tr_rows:
+                by_mod.setdefault(r["modality"], []).append(r)
+            out["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
+        return out
+
     recorded = {k: list(dict.fromkeys(r["subject"] for r in rs)) for k, rs in (("train", tr_rows), ("val", va_rows))}
     return Split(train, val, pre, stats, classes, covariates, cov_values, recorded)
 

@@ -278,9 +278,10 @@ def _train_locked(cfg: dict | None, data_dir: Path | None, run_dir: Path, stage:
     summary: dict = {"run": str(run_dir)}
     done = read_run_info(run_dir).get("stages", {})
     if stage in ("all", "vqvae"):
-        if done.get("vqvae", {}).get("done") and total_steps({**TRAIN_DEFAULTS, **cfg["train"]},
-                                                              len(split.train), cfg["train"].get(
-                                                                  "batch_size", 2)) <= done["vqvae"]["steps"]:
+        n_train = read_run_info(run_dir).get("n_train")  # recorded by stage 1: no need to build the set
+        if done.get("vqvae", {}).get("done") and total_steps(
+                {**TRAIN_DEFAULTS, **cfg["train"]}, n_train if n_train is not None else len(split.train),
+                cfg["train"].get("batch_size", 2)) <= done["vqvae"]["steps"]:
             summary["vqvae"] = done["vqvae"]["val"]
         else:
             summary["vqvae"] = train_vqvae(cfg, run_dir, split, dev, resume=resume, progress=progress)

@@ -194,8 +194,9 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
 
             g = torch.Generator().manual_seed(int(tcfg["seed"]) * 1_000_003 + step)
             rows = ddp.shard(list(range(len(batch))))
-            mask = random_masks(len(batch), idx[0].numel(), g)[rows].to(device)
-            loss = masked_token_loss(net, idx, mask)
+            full = random_masks(len(batch), idx[0].numel(), g)
+            mask = full[rows].to(device)
+            loss = masked_token_loss(net, idx, mask, float(full.sum()) / ddp.world())
         else:
             logits = net(idx, _cond_rows(tr_lab, tr_cov, ids, device))
             loss = F.cross_entropy(logits.float(), idx)

@@ -147,3 +147,37 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_resumes(root
     a = torch.load(tmp_path / "full" / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
     b = torch.load(cut / "checkpoints" / "vqvae_last.pt", weights_only=True)["model"]
     _close({"vqvae": a}, {"vqvae": b})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_train_the_model_one_process_trains(root: Path, tmp_path: Path) -> None:
+    """``--nnodes=2`` with c10d rendezvous: two launchers (here on one machine, sharing the file system
+    as a cluster's nodes share theirs), one process each, give the 1-process model."""
+    _train(root, tmp_path / "one", 1, "--max-steps", "4", "--prior-max-steps", "3")
+    port = _free_port()
+    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mrivq-test", "-m", "mrivq",
+             "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--device", "cpu",
+             "--out", str(tmp_path / "nodes"), *SMALL, "--max-steps", "4", "--prior-max-steps", "3"]
+            for i in range(2)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                              cwd=Path(__file__).parents[1]) for c in cmds]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    _close(_models(tmp_path / "one"), _models(tmp_path / "nodes"))
+
+
+def test_two_ranks_train_the_maskgit_prior_one_process_trains(root: Path, tmp_path: Path) -> None:
+    """The masks of a step are drawn for the global batch and split like it."""
+    mg = ["--set", "prior.model.family=maskgit"]
+    _train(root, tmp_path / "one", 1, "--max-steps", "2", "--prior-max-steps", "3", *mg)
+    _train(root, tmp_path / "two", 2, "--max-steps", "2", "--prior-max-steps", "3", *mg)
+    _close(_models(tmp_path / "one"), _models(tmp_path / "two"))

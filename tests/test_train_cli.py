@@ -331,9 +331,18 @@ def test_prior_resume_after_sigint_equals_uninterrupted(trained_run: Path, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
-def test_stage_prior_continues_an_existing_run(trained_run: Path, tmp_path: Path) -> None:
+def test_stage_prior_continues_an_existing_run(trained_run: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
+    import mrivq.data
+
+    def no_preprocessing(*a, **k):
+        raise AssertionError("the training set was preprocessed though the code cache is valid")
+
+    # with a valid code cache stage 2 needs no image: neither set is preprocessed nor are intensities read
+    monkeypatch.setattr(mrivq.data, "make_dataset", no_preprocessing)
+    monkeypatch.setattr(mrivq.data, "dataset_intensity_stats", no_preprocessing)
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     res = invoke("train", "--stage", "prior", "--run", str(run), "--prior-max-steps", "9", "--device", "cpu")

@@ -54,7 +54,7 @@ class _Block(nn.Module):
         self.norm = nn.GroupNorm(min(8, channels), channels)
         self.conv = conv(channels, 2 * channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation)
         self.pos = conv(pos_dim, 2 * channels, 1, bias=False)
-        self.proj = conv(channels, channels, 1)
+        self.proj = conv(channels, channels, 1, bias=False)  # a norm follows everywhere: a bias would get no gradient
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return x + self.proj(gate(self.conv(self.norm(x)) + self.pos(pos)))
@@ -149,15 +149,19 @@ def random_masks(b: int, positions: int, generator: torch.Generator) -> torch.Te
     return rank < count[:, None]
 
 
-def masked_token_loss(prior: nn.Module, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_token_loss(prior: nn.Module, indices: torch.Tensor, mask: torch.Tensor,
+                      count: float | None = None) -> torch.Tensor:
     """Mean cross-entropy (nats) of the codes at the masked positions (``mask [B, positions]``, bool),
-    predicted from the others."""
+    predicted from the others. ``count``: divide the sum by this instead of the number of masked codes
+    here (a rank's share of a global batch divides by the global count over the ranks, so that averaged
+    gradients are those of the global mean)."""
     idx = indices.long()
     flat = idx.flatten(1)
     token = getattr(prior, "module", prior).mask_token
     inp = torch.where(mask, torch.full_like(flat, token), flat).view_as(idx)
     logits = prior(inp).float().flatten(2)  # [B, K, N]
-    return F.cross_entropy(logits, flat, reduction="none")[mask].mean()
+    ce = F.cross_entropy(logits, flat, reduction="none")[mask]
+    return ce.mean() if count is None else ce.sum() / count
 
 
 def masked_nats(prior: MaskedTokenPrior, codes: torch.Tensor, batch_size: int, device: torch.device,
