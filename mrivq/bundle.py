@@ -6,7 +6,7 @@
     DIR/configs/inference.json   synthesizes volumes: mrivq.SyntheticDataset + MONAI's SaveImage
     DIR/configs/mrivq.json       what mrivq needs to rebuild the models (architecture, preprocessing)
     DIR/models/model.pt          the VQ-VAE's state dict (the bundle's network)
-    DIR/models/prior.pt          the PixelCNN prior's state dict
+    DIR/models/prior.pt          the prior's state dict (PixelCNN or masked-token)
     DIR/docs/README.md           intended use, training data and its licence, how to run
     DIR/LICENSE
 
@@ -64,6 +64,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Run:
     return run
 
 
+def _masked(r: Run) -> bool:
+    return getattr(r.prior, "family", "pixelcnn") == "maskgit"
+
+
+def _prior_words(r: Run) -> str:
+    return "masked-token (MaskGIT) prior" if _masked(r) else "gated PixelCNN prior"
+
+
 class BundleNetwork(torch.nn.Module):
     """The bundle's network for MONAI tools (``network_def``, ``verify_net_in_out``): the VQ-VAE with
     its weights, ``forward(x) -> x_hat`` only (mrivq's VQ-VAE returns ``(x_hat, vq_loss)``, a tuple that
@@ -114,8 +122,8 @@ def _metadata(r: Run, realism: dict | None) -> dict:
         "numpy_version": np.__version__,
         "required_packages_version": {"mrivq": __version__, "nibabel": _version("nibabel")},
         "name": f"mrivq {r.path.name}",
-        "task": "Synthesis of brain MRI volumes with a VQ-VAE and a PixelCNN prior",
-        "description": f"VQ-VAE (model.pt) and gated PixelCNN prior (prior.pt) trained by mrivq on "
+        "task": f"Synthesis of brain MRI volumes with a VQ-VAE and a {_prior_words(r)}",
+        "description": f"VQ-VAE (model.pt) and {_prior_words(r)} (prior.pt) trained by mrivq on "
                        f"{info.get('dataset', 'unknown data')}; configs/inference.json samples volumes.",
         "authors": "mrivq",
         "copyright": "Copyright (c) the authors of the run; weights derived from the training data named in "
@@ -125,7 +133,8 @@ def _metadata(r: Run, realism: dict | None) -> dict:
         "intended_use": "Research only: synthetic MRI for data augmentation and method development. Not for "
                         "diagnosis.",
         "references": ["van den Oord et al. 2017, Neural Discrete Representation Learning",
-                       "van den Oord et al. 2016, Conditional Image Generation with PixelCNN Decoders"],
+                       "van den Oord et al. 2016, Conditional Image Generation with PixelCNN Decoders"
+                       if not _masked(r) else "Chang et al. 2022, MaskGIT: Masked Generative Image Transformer"],
         "network_data_format": {  # of network_def: a volume in, its reconstruction out
             "inputs": {"image": image},
             "outputs": {"pred": {**image, "type": "image"}},
@@ -155,7 +164,7 @@ synthetic cohorts. It is not a medical device and must not be used for diagnosis
 
 ## Model
 A VQ-VAE (`models/model.pt`; van den Oord et al. 2017) compresses a volume into a grid of discrete codes
-{'x'.join(map(str, r.latent_shape))}; a gated PixelCNN prior (`models/prior.pt`) over that grid samples new code grids,
+{'x'.join(map(str, r.latent_shape))}; a {_prior_words(r)} (`models/prior.pt`) over that grid samples new code grids,
 which the VQ-VAE decodes. Preprocessing: {json.dumps(r.preprocess.to_dict())}.
 
 ## Training data

@@ -465,8 +465,9 @@ def synth(
     covariate: list[str] = CovariateOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
-    prior: str = typer.Option("pixelcnn", "--prior", help="pixelcnn (the trained prior), marginal (each "
-                              "position's training code frequencies) or uniform (random codes)."),
+    prior: str = typer.Option("pixelcnn", "--prior", help="pixelcnn (the run's trained prior, PixelCNN or "
+                              "maskgit), marginal (each position's training code frequencies) or uniform "
+                              "(random codes)."),
     fmt: str = typer.Option("nifti", "--format", help="3D: nifti (synth_0000.nii.gz), dicom (a DICOM series "
                             "folder synth_0000/, marked synthetic) or both."),
     device: str = typer.Option("auto", "--device"),

@@ -93,7 +93,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
 
     ``cls`` picks the class of a class-conditional prior (default: cycle through the classes);
     ``covariates`` (``{"age": 40}``) sets continuous covariates (default: the training means).
-    ``prior`` is the trained prior (``pixelcnn``), or a baseline that answers "is a prior needed?":
+    ``prior`` is the run's trained prior (``pixelcnn``, whichever its family), or a baseline that
+    answers "is a prior needed?":
     ``marginal`` draws each position's code independently from its training frequency there,
     ``uniform`` draws codes uniformly at random. ``fmt``: ``nifti``, ``dicom`` (one DICOM series
     folder per 3D sample, :mod:`mrivq.dicomout`) or ``both``."""

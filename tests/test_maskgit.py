@@ -176,3 +176,16 @@ def test_cli_score_refuses_a_maskgit_prior_in_one_line(maskgit_run: Path, phanto
         res = invoke("score", "--run", str(maskgit_run), str(img), "-o", str(tmp_path / "m.nii.gz"), *extra)
         assert res.exit_code == 2 and "autoregressive prior" in res.output, res.output
         assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_bundle_and_synthetic_dataset_take_a_maskgit_prior(maskgit_run: Path, tmp_path: Path) -> None:
+    import mrivq
+    from mrivq.bundle import load_bundle
+
+    res = invoke("export", "--run", str(maskgit_run), "--bundle", str(tmp_path / "b"))
+    assert res.exit_code == 0, res.output
+    r = load_bundle(tmp_path / "b")
+    assert isinstance(r.prior, MaskedTokenPrior) and r.prior.decode_steps == 3
+    ds = mrivq.SyntheticDataset(tmp_path / "b", 2)
+    a, b = ds[1], mrivq.SyntheticDataset(maskgit_run, 2)[1]
+    assert torch.equal(torch.as_tensor(a["image"]), torch.as_tensor(b["image"]))  # same weights, same sample
