@@ -180,11 +180,16 @@ class _Incremental:
             if self.cb[l_] is not None:
                 pre = pre + self.cb[l_][:, k].reshape(b, -1, *[1] * (n - 1 - k))
             if self.pos[l_] is not None:
-                pre = pre + self.pos[l_][k][(slice(None),) + prefix]
+                pre = pre + self.pos[l_][k][self._lead(self.pos[l_]) + prefix]
             new = win[l_][:, :, -1] + gate(pre)
             win[l_ + 1] = torch.cat([win[l_ + 1][:, :, 1:], new.unsqueeze(2)], 2)
             if self.rec is not None:
                 self.rec["stacks"][l_][k][(slice(None), slice(None)) + prefix] = new
+
+    def _lead(self, pb: torch.Tensor) -> tuple[slice, ...]:
+        """Index prefix of a layer's position biases: ``[n, 2C, *latent]``, or ``[n, b, 2C, *latent]`` when
+        they differ per sample (a subclass's spatial conditioning, e.g. on a coarser code grid)."""
+        return (slice(None),) * (pb.dim() - 1 - self.n)
 
     def reset(self, k: int) -> None:
         """A new block along axis ``k-1`` starts: stack ``k``'s window is zero padding again."""
@@ -203,7 +208,7 @@ class _Incremental:
             if self.cb[l_] is not None:
                 bias = bias + self.cb[l_][:, n - 1].unsqueeze(1)
             if self.pos[l_] is not None:
-                bias = bias + self.pos[l_][n - 1][(slice(None),) + prefix].t()
+                bias = bias + self.pos[l_][n - 1][self._lead(self.pos[l_]) + prefix].transpose(-1, -2)
             out.append(bias.expand(b, self.shape[-1], -1))
         return out
 

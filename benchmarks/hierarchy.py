@@ -1,0 +1,160 @@
+"""Does a VQ-VAE-2 hierarchy (Razavi et al. 2019) make samples more real? At the quick start's budget:
+stage 1 is the run's VQ-VAE configuration plus a top code grid at half the size (``mrivq.models.hierarchy``),
+trained for the run's stage-1 steps with its recipe (L1 or MSE as configured, batch, learning rate,
+warm-up, cosine schedule, clipping, seed); stage 2 is a grid-position PixelCNN over the top grid and the
+bottom PixelCNN conditioned on the top codes, each for the run's prior steps with its recipe. Then
+``--count`` samples (top codes, bottom codes given them, decoded) are measured with ``mrivq eval
+--samples`` against the run's held-out and training subjects, with the reconstructions of training scans
+(the hierarchy's ceiling) beside them. Prints JSON.
+
+    python benchmarks/hierarchy.py --run runs/quickstart --root data --work hier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from benchmarks.common import emit  # noqa: E402
+from benchmarks.realism import KEEP, write_volumes  # noqa: E402
+
+
+def fit(model: torch.nn.Module, tcfg: dict, steps: int, n: int, loss_fn, label: str) -> dict:
+    """``mrivq train``'s recipe by hand: Adam, warm-up + cosine (``lr_lambda``), gradient clipping,
+    batches ``batch_indices(step)``; ``loss_fn(ids)`` returns the batch's loss."""
+    from mrivq.loop import batch_indices, lr_lambda
+
+    torch.manual_seed(int(tcfg.get("seed", 0)))
+    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tcfg.get("warmup_steps", 50)), steps,
+                                                             float(tcfg.get("min_lr_ratio", 0.05))))
+    model.train()
+    t0, last = time.perf_counter(), float("nan")
+    for step in range(steps):
+        loss = loss_fn(batch_indices(step, n, int(tcfg["batch_size"]), int(tcfg.get("seed", 0))))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.get("grad_clip", 1.0)))
+        opt.step()
+        sched.step()
+        last = float(loss.detach())
+        if step % 50 == 0 or step == steps - 1:
+            print(f"{label} step {step + 1}/{steps} loss {last:.4f}", file=sys.stderr, flush=True)
+    model.eval()
+    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "last_loss": last}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a trained run: its config, data and split")
+    ap.add_argument("--root", type=Path, help="data root of the run's dataset")
+    ap.add_argument("--work", type=Path, default=Path("hier"))
+    ap.add_argument("--count", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top-codes", type=int, default=512)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    from monai.metrics import PSNRMetric
+
+    from mrivq.builders import PRIOR_TRAIN_DEFAULTS, TRAIN_DEFAULTS
+    from mrivq.evaluate import evaluate_realism
+    from mrivq.models.hierarchy import VQVAE2, CoarseConditionedPixelCNN
+    from mrivq.models.pixelcnn import GatedPixelCNN
+    from mrivq.runs import load_run
+    from mrivq.sampling import sample_tokens
+    from mrivq.split import load_split
+
+    r = load_run(args.run)
+    cfg, info = r.config, r.info
+    sp = load_split(cfg, Path(info["data_dir"]), subjects=info.get("split"))
+    x_tr = torch.stack([torch.as_tensor(sp.train[i]["image"]).float() for i in range(len(sp.train))])
+    x_va = torch.stack([torch.as_tensor(sp.val[i]["image"]).float() for i in range(len(sp.val))])
+    tcfg = {**TRAIN_DEFAULTS, **cfg["train"]}
+    pcfg = {**PRIOR_TRAIN_DEFAULTS, **cfg["prior"]["train"]}
+    args.work.mkdir(parents=True, exist_ok=True)
+    ck = args.work / "hierarchy.pt"
+    torch.manual_seed(int(tcfg["seed"]))
+    vq = VQVAE2(info["model_config"]["vqvae"], top_codes=args.top_codes)
+    recon = F.l1_loss if tcfg.get("recon_loss") == "l1" else F.mse_loss
+    report: dict = {"run": str(args.run)}
+    if ck.is_file():
+        state = torch.load(ck, weights_only=True)
+        vq.load_state_dict(state["vqvae2"])
+        report.update(state["report"])
+    else:
+        def vq_loss(ids: list[int]) -> torch.Tensor:
+            x = x_tr[ids]
+            x_hat, commit, _, _ = vq(x)
+            return recon(x_hat, x) + commit
+
+        report["stage1"] = fit(vq, tcfg, int(tcfg["max_steps"]), len(x_tr), vq_loss, "vqvae2")
+    vq.eval()
+    with torch.no_grad():
+        codes = {k: [vq.encode_indices(x[s:s + 8]) for s in range(0, len(x), 8)] for k, x in (("train", x_tr),
+                                                                                               ("val", x_va))}
+        top = {k: torch.cat([c[0] for c in v]) for k, v in codes.items()}
+        bot = {k: torch.cat([c[1] for c in v]) for k, v in codes.items()}
+        rec = torch.cat([vq.decode_indices(top["val"][s:s + 4], bot["val"][s:s + 4]).clamp(0, 1)
+                         for s in range(0, len(x_va), 4)])
+    report["val_psnr"] = round(float(PSNRMetric(max_val=1.0)(rec, x_va).mean()), 3)  # as mrivq train's
+    report["top_codes_in_use"] = int(top["train"].unique().numel())
+    report["bottom_codes_in_use"] = int(bot["train"].unique().numel())
+    print(json.dumps({k: report[k] for k in ("val_psnr", "top_codes_in_use", "bottom_codes_in_use")}), file=sys.stderr)
+    k_b = int(info["model_config"]["vqvae"]["num_embeddings"])
+    pm = {k: v for k, v in cfg["prior"]["model"].items() if k in ("channels", "num_layers", "kernel_size")}
+    top_shape, bot_shape = tuple(top["train"].shape[1:]), tuple(bot["train"].shape[1:])
+    torch.manual_seed(int(pcfg["seed"]))
+    top_prior = GatedPixelCNN(3, args.top_codes, latent_shape=top_shape, positions="grid", **pm)
+    bot_prior = CoarseConditionedPixelCNN(3, k_b, latent_shape=bot_shape, top_codes=args.top_codes, **pm)
+    if ck.is_file() and "top_prior" in state:
+        top_prior.load_state_dict(state["top_prior"])
+        bot_prior.load_state_dict(state["bottom_prior"])
+    else:
+        steps = int(pcfg["max_steps"])
+
+        def top_loss(ids: list[int]) -> torch.Tensor:
+            t = top["train"][ids]
+            return F.cross_entropy(top_prior(t), t)
+
+        def bot_loss(ids: list[int]) -> torch.Tensor:
+            b = bot["train"][ids]
+            return F.cross_entropy(bot_prior(b, top["train"][ids]), b)
+
+        report["top_prior"] = fit(top_prior, pcfg, steps, len(top["train"]), top_loss, "top prior")
+        report["bottom_prior"] = fit(bot_prior, pcfg, steps, len(bot["train"]), bot_loss, "bottom prior")
+        torch.save({"vqvae2": vq.state_dict(), "top_prior": top_prior.state_dict(),
+                    "bottom_prior": bot_prior.state_dict(), "report": report}, ck)
+    with torch.no_grad():
+        for name, p, c, t in (("top", top_prior, None, top["val"]), ("bottom", bot_prior, top["val"], bot["val"])):
+            report[f"{name}_val_nats"] = round(float(F.cross_entropy(p(t, c) if c is not None else p(t), t)), 4)
+    t0 = time.perf_counter()
+    tops = sample_tokens(top_prior, top_shape, args.count, seed=args.seed)
+    bots = sample_tokens(bot_prior, bot_shape, args.count, seed=args.seed + 1, cond=tops, batch_size=args.count)
+    with torch.no_grad():
+        vols = torch.cat([vq.decode_indices(tops[s:s + 4], bots[s:s + 4]).clamp(0, 1)
+                          for s in range(0, args.count, 4)])
+    report["sample_seconds"] = round(time.perf_counter() - t0, 1)
+    dataset = info["dataset"]
+    rows = {}
+    write_volumes(r, vols.numpy(), args.work / "samples")
+    write_volumes(r, torch.cat([vq.decode_indices(top["train"][s:s + 4], bot["train"][s:s + 4]).clamp(0, 1)
+                                for s in range(0, args.count, 4)]).detach().numpy(), args.work / "recon")
+    for name in ("samples", "recon"):
+        m = evaluate_realism(args.run, args.work / name, f"{dataset}:val", f"{dataset}:train", root=args.root,
+                             json_out=args.work / f"{name}.json", overwrite=True)["metrics"]
+        rows[name] = {k: m.get(k) for k in KEEP}
+        print(json.dumps({name: rows[name]}), file=sys.stderr)
+    emit({**report, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
