@@ -60,19 +60,26 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return r
 
 
-def test_two_ranks_train_the_model_one_process_trains(root: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_process(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: one process, 6 VQ-VAE and 4 prior steps."""
+    run = tmp_path_factory.mktemp("ddp-one") / "one"
+    _train(root, run, 1, "--max-steps", "6", "--prior-max-steps", "4")
+    return run
+
+
+def test_two_ranks_train_the_model_one_process_trains(root: Path, one_process: Path, tmp_path: Path) -> None:
     """Same global batch, each rank half of it: parameters equal within float tolerance, both stages;
     rank 0 alone writes (one metrics line per step)."""
     import json
 
-    _train(root, tmp_path / "one", 1, "--max-steps", "6", "--prior-max-steps", "4")
     _train(root, tmp_path / "two", 2, "--max-steps", "6", "--prior-max-steps", "4")
-    _close(_models(tmp_path / "one"), _models(tmp_path / "two"))
+    _close(_models(one_process), _models(tmp_path / "two"))
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [(x["stage"], x["step"]) for x in lines if "loss" in x]
     assert len(steps) == len(set(steps))
     # throughput counts the whole global batch
-    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(x) for x in (one_process / "metrics.jsonl").read_text().splitlines()]
     assert {x["step"] for x in lines if "voxels_per_s" in x} == {x["step"] for x in one if "voxels_per_s" in x}
 
 
@@ -157,22 +164,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_train_the_model_one_process_trains(root: Path, tmp_path: Path) -> None:
+def test_two_nodes_train_the_model_one_process_trains(root: Path, one_process: Path, tmp_path: Path) -> None:
     """``--nnodes=2`` with c10d rendezvous: two launchers (here on one machine, sharing the file system
     as a cluster's nodes share theirs), one process each, give the 1-process model."""
-    _train(root, tmp_path / "one", 1, "--max-steps", "4", "--prior-max-steps", "3")
     port = _free_port()
     cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mrivq-test", "-m", "mrivq",
              "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--device", "cpu",
-             "--out", str(tmp_path / "nodes"), *SMALL, "--max-steps", "4", "--prior-max-steps", "3"]
+             "--out", str(tmp_path / "nodes"), *SMALL, "--max-steps", "6", "--prior-max-steps", "4"]
             for i in range(2)]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                               cwd=Path(__file__).parents[1]) for c in cmds]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    _close(_models(tmp_path / "one"), _models(tmp_path / "nodes"))
+    _close(_models(one_process), _models(tmp_path / "nodes"))
 
 
 def test_two_ranks_train_the_maskgit_prior_one_process_trains(root: Path, tmp_path: Path) -> None:
