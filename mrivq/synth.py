@@ -51,6 +51,16 @@ def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
     return marginal_logits(codes["train"].long(), k)
 
 
+def _sampler_name(r: Any, prior: str, cached: bool) -> str:
+    """What drew the codes, for the sidecar: the PixelCNN's cached or reference sampler, the masked-token
+    prior's parallel decoding (``--reference`` does not apply to it), or a baseline's independent draws."""
+    if prior != "pixelcnn":
+        return "independent"
+    if getattr(r.prior, "family", "pixelcnn") == "maskgit":
+        return f"parallel ({r.prior.decode_steps} steps)"
+    return "cached" if cached else "reference"
+
+
 def _outputs(out_dir: Path, count: int, dims: int, fmt: str = "nifti") -> list[list[Path]]:
     """Per sample its image(s): ``synth_0000.nii.gz`` and/or the DICOM series folder ``synth_0000/``
     (3D), ``synth_0000.png`` (2D)."""
@@ -143,7 +153,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     planned = [p for ps in images_of for p in ps]
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
             "temperature": temperature, "top_k": top_k, "prior": prior,
-            "sampler": ("cached" if cached else "reference") if prior == "pixelcnn" else "independent"}
+            "sampler": _sampler_name(r, prior, cached)}
 
     def sidecar_of(i: int) -> dict:
         c = None if class_ids is None else int(class_ids[i])

@@ -164,6 +164,7 @@ def test_cli_trains_and_synthesizes_with_the_maskgit_family(maskgit_run: Path, t
     res = invoke("synth", "--run", str(maskgit_run), "--count", "2", "--out", str(tmp_path / "s"))
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "s").glob("*.nii.gz")) == ["synth_0000.nii.gz", "synth_0001.nii.gz"]
+    assert json.loads((tmp_path / "s" / "synth_0000.json").read_text())["sampler"] == "parallel (3 steps)"
     res2 = invoke("synth", "--run", str(maskgit_run), "--count", "2", "--out", str(tmp_path / "t"))
     a = (tmp_path / "s" / "synth_0001.nii.gz").read_bytes()
     assert res2.exit_code == 0 and a == (tmp_path / "t" / "synth_0001.nii.gz").read_bytes()
