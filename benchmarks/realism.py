@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,9 +114,13 @@ def train_for(model: torch.nn.Module, seconds: float, loss_fn, tcfg: dict) -> tu
     return steps, loss
 
 
-def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
+def train_monai(run: Path, budgets: dict[str, float], seed: int = 0, lr: float | None = None,
+                loss: str = "mse") -> dict:
     """MONAI's VQ-VAE and DecoderOnlyTransformer trained for the mrivq stages' budgets on the run's
-    training split: ``{"vqvae", "transformer", "ordering", "latent", "start_token", "record"}``."""
+    training split: ``{"vqvae", "transformer", "ordering", "latent", "start_token", "record"}``.
+    ``lr`` replaces the run's stage-1 learning rate for MONAI's VQ-VAE (at the CPU preset's 0.002 its
+    codebook collapses to one code: it has no dead-code restart); ``loss``: ``mse`` (MONAI's tutorials)
+    or ``l1`` (the run's own, when ``train.recon_loss`` is l1)."""
     from monai.networks.nets import VQVAE, DecoderOnlyTransformer
     from monai.utils.ordering import Ordering, OrderingType
 
@@ -124,7 +129,10 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
 
     torch.manual_seed(seed)
     r = load_run(run)
-    vq_cfg, tr = r.info["model_config"]["vqvae"], r.config.get("train", {})
+    vq_cfg, tr = r.info["model_config"]["vqvae"], dict(r.config.get("train", {}))
+    if lr:
+        tr["lr"] = lr
+    recon = F.l1_loss if loss == "l1" else F.mse_loss
     pr = r.config.get("prior", {}).get("train", {})
     sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x_all = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(len(sp.train))])
@@ -138,7 +146,7 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
     def vq_loss() -> torch.Tensor:
         xb = x_all[torch.randint(len(x_all), (int(tr.get("batch_size", 2)),), generator=g)]
         x_hat, q_loss = vq(xb)
-        return F.mse_loss(x_hat, xb) + q_loss
+        return recon(x_hat, xb) + q_loss
 
     steps, _ = train_for(vq, budgets["vqvae"], vq_loss, tr)
     with torch.no_grad():
@@ -160,18 +168,20 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0) -> dict:
     record = {"vqvae_steps": steps, "vqvae_codes_used": int(codes.unique().numel()), "transformer_steps": tsteps,
               "transformer_final_loss": loss,
               "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, use_flash_attention (torch SDPA)",
-              "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets}
+              "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets,
+              "vqvae_lr": float(tr.get("lr", 1e-3)), "vqvae_loss": loss}
     return {"vqvae": vq, "transformer": tf, "ordering": ordering, "latent": latent, "start_token": k,
             "record": record}
 
 
-def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0) -> dict:
-    """Train MONAI's VQ-VAE and transformer for the mrivq stages' budgets; sample ``count`` volumes."""
+def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed: int = 0, **kw: Any) -> dict:
+    """Train MONAI's VQ-VAE and transformer for the mrivq stages' budgets (``kw``: :func:`train_monai`'s
+    ``lr``, ``loss``); sample ``count`` volumes."""
     from monai.inferers import VQVAETransformerInferer
 
     from mrivq.runs import load_run
 
-    m = train_monai(run, budgets, seed)
+    m = train_monai(run, budgets, seed, **kw)
     k, latent = m["start_token"], m["latent"]
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -190,6 +200,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="folder for data, the run and samples (default: a temp folder)")
     ap.add_argument("--count", type=int, default=24, help="samples per row")
     ap.add_argument("--monai-count", type=int, default=8, help="samples of the MONAI row (its sampler is slow)")
+    ap.add_argument("--monai-lr", type=float, help="MONAI VQ-VAE learning rate (default: the run's)")
+    ap.add_argument("--monai-loss", choices=("mse", "l1"), default="mse", help="MONAI VQ-VAE reconstruction loss")
     ap.add_argument("--rows", default=",".join([*ROWS, "recon", "monai"]))
     ap.add_argument("--budget-vqvae", type=float, help="MONAI VQ-VAE seconds (default: the run's stage 1 time)")
     ap.add_argument("--budget-prior", type=float, help="MONAI transformer seconds (default: the run's prior time)")
@@ -220,7 +232,8 @@ def main() -> None:
         elif name == "recon":
             recon_row(run, args.count, folder)
         elif name == "monai":
-            extra = monai_row(run, budgets, args.monai_count, folder, args.seed)
+            extra = monai_row(run, budgets, args.monai_count, folder, args.seed, lr=args.monai_lr,
+                              loss=args.monai_loss)
         else:
             raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'recon', 'monai'])}")
         if not (args.reuse and done.is_file()):
