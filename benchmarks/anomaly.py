@@ -121,7 +121,8 @@ def main() -> None:
     specs = [(f"healed@{t}", {"threshold": float(t)}) for t in args.thresholds.split(",") if t]
     for v in args.variant:
         kw = dict(kv.split("=", 1) for kv in v.split(","))
-        specs.append((f"healed[{v}]", {k: (val if k == "against" else float(val)) for k, val in kw.items()}))
+        specs.append((f"healed[{v}]", {k: (val if k == "against" else val in ("1", "true") if k == "calibrate"
+                                           else float(val)) for k, val in kw.items()}))
     for i, (name, kw) in enumerate(specs):
         kw = {"resamples": args.resamples, "seed": args.seed, **kw}
         kw["resamples"], kw["seed"] = int(kw["resamples"]), int(kw["seed"])

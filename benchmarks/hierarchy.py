@@ -145,9 +145,10 @@ def main() -> None:
     report["sample_seconds"] = round(time.perf_counter() - t0, 1)
     dataset = info["dataset"]
     rows = {}
-    write_volumes(r, vols.numpy(), args.work / "samples")
+    # raw decoder output (the hierarchy has no calibration): compared with the run's raw reconstructions
+    write_volumes(r, vols.numpy(), args.work / "samples", "none")
     write_volumes(r, torch.cat([vq.decode_indices(top["train"][s:s + 4], bot["train"][s:s + 4]).clamp(0, 1)
-                                for s in range(0, args.count, 4)]).detach().numpy(), args.work / "recon")
+                                for s in range(0, args.count, 4)]).detach().numpy(), args.work / "recon", "none")
     for name in ("samples", "recon"):
         m = evaluate_realism(args.run, args.work / name, f"{dataset}:val", f"{dataset}:train", root=args.root,
                              json_out=args.work / f"{name}.json", overwrite=True)["metrics"]

@@ -5,10 +5,12 @@ each prior and sampling setting of one run, plus MONAI's ``VQVAE`` + ``DecoderOn
     python benchmarks/realism.py --work /tmp/realism            # fetch + README quick-start recipe, then all rows
     python benchmarks/realism.py --run runs/quickstart --root data --rows pixelcnn,marginal,uniform,monai
 
-Rows (``--rows``): ``pixelcnn`` (T=1), ``pixelcnn-t0.7``, ``pixelcnn-top8``, ``pixelcnn-greedy`` (T=0),
+Rows (``--rows``): ``pixelcnn`` (T=1), ``pixelcnn-raw`` (T=1 without the decoder's intensity
+calibration), ``pixelcnn-t0.7``, ``pixelcnn-top8``, ``pixelcnn-greedy`` (T=0),
 ``marginal`` (each position's code drawn from its training frequencies), ``marginal-greedy`` (the most
 frequent code everywhere), ``uniform`` (random codes), ``recon`` (VQ-VAE reconstructions of training
-scans: the ceiling the decoder allows) and ``monai``. Every row is compared with the run's held-out
+scans, calibrated as synth's samples are: the ceiling the decoder allows), ``recon-raw`` (without the
+calibration) and ``monai``. Every row is compared with the run's held-out
 subjects (``DATASET:val``) and, for memorization, its training subjects (``DATASET:train``).
 
 The MONAI row trains MONAI's ``VQVAE`` (same channels, residual layers, codes and code size; its
@@ -40,6 +42,7 @@ from benchmarks.common import emit, quickstart_run  # noqa: E402
 
 ROWS = {
     "pixelcnn": {"prior": "pixelcnn", "temperature": 1.0},
+    "pixelcnn-raw": {"prior": "pixelcnn", "temperature": 1.0, "calibrate": False},
     "pixelcnn-t0.7": {"prior": "pixelcnn", "temperature": 0.7},
     "pixelcnn-top8": {"prior": "pixelcnn", "temperature": 1.0, "top_k": 8},
     "pixelcnn-greedy": {"prior": "pixelcnn", "temperature": 0.0},
@@ -69,8 +72,9 @@ def evaluate(run: Path, folder: Path, root: Path | None, dataset: str) -> dict:
     return {k: res.get(k) for k in KEEP}
 
 
-def write_volumes(r, vols: np.ndarray, out: Path) -> None:
-    """[N, 1, *grid] in [0, 1] -> NIfTI files with the run's synth geometry."""
+def write_volumes(r, vols: np.ndarray, out: Path, calibration: str | None = None) -> None:
+    """[N, 1, *grid] in [0, 1] -> NIfTI files with the run's synth geometry; ``calibration`` (as synth's
+    sidecars say it) goes in a sidecar per file, for eval to compare them in the same space."""
     from mrivq import data as D
     from mrivq.io import save_nifti
 
@@ -78,10 +82,14 @@ def write_volumes(r, vols: np.ndarray, out: Path) -> None:
     for i, v in enumerate(vols):
         save_nifti(D.to_intensity(v, r.info["intensity"])[0], D.synth_geometry(r.preprocess, v.shape[1:]),
                    out / f"synth_{i:04d}.nii.gz")
+        if calibration is not None:
+            (out / f"synth_{i:04d}.json").write_text(json.dumps({"calibration": calibration}))
 
 
-def recon_row(run: Path, count: int, out: Path, which: str = "best") -> None:
-    """The ``which`` checkpoint's reconstructions of ``count`` training scans, written as NIfTI."""
+def recon_row(run: Path, count: int, out: Path, which: str = "best", calibrate: bool = True) -> None:
+    """The ``which`` checkpoint's reconstructions of ``count`` training scans, through the run's
+    calibration when ``calibrate`` (as synth decodes), written as NIfTI."""
+    from mrivq.calibration import describe
     from mrivq.runs import load_run
     from mrivq.train import load_split
 
@@ -89,9 +97,8 @@ def recon_row(run: Path, count: int, out: Path, which: str = "best") -> None:
     sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
     x = torch.stack([torch.as_tensor(sp.train[i]["image"]) for i in range(min(count, len(sp.train)))])
     with torch.no_grad():
-        y = torch.cat([r.vqvae.decode_indices(r.vqvae.encode_indices(x[s:s + 4])).clamp(0, 1)
-                       for s in range(0, len(x), 4)])
-    write_volumes(r, y.numpy(), out)
+        y = torch.cat([r.decode(r.vqvae.encode_indices(x[s:s + 4]), calibrate) for s in range(0, len(x), 4)])
+    write_volumes(r, y.numpy(), out, describe(r.calibration if calibrate else None))
 
 
 def train_for(model: torch.nn.Module, seconds: float, loss_fn, tcfg: dict) -> tuple[int, float]:
@@ -202,7 +209,7 @@ def main() -> None:
     ap.add_argument("--monai-count", type=int, default=8, help="samples of the MONAI row (its sampler is slow)")
     ap.add_argument("--monai-lr", type=float, help="MONAI VQ-VAE learning rate (default: the run's)")
     ap.add_argument("--monai-loss", choices=("mse", "l1"), default="mse", help="MONAI VQ-VAE reconstruction loss")
-    ap.add_argument("--rows", default=",".join([*ROWS, "recon", "monai"]))
+    ap.add_argument("--rows", default=",".join([*ROWS, "recon", "recon-raw", "monai"]))
     ap.add_argument("--budget-vqvae", type=float, help="MONAI VQ-VAE seconds (default: the run's stage 1 time)")
     ap.add_argument("--budget-prior", type=float, help="MONAI transformer seconds (default: the run's prior time)")
     ap.add_argument("--reuse", action="store_true", help="measure rows already generated in --work again")
@@ -229,13 +236,13 @@ def main() -> None:
             extra = json.loads(done.read_text())
         elif name in ROWS:
             synthesize(run, args.count, folder, seed=args.seed, overwrite=True, device="cpu", **ROWS[name])
-        elif name == "recon":
-            recon_row(run, args.count, folder)
+        elif name in ("recon", "recon-raw"):
+            recon_row(run, args.count, folder, calibrate=name == "recon")
         elif name == "monai":
             extra = monai_row(run, budgets, args.monai_count, folder, args.seed, lr=args.monai_lr,
                               loss=args.monai_loss)
         else:
-            raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'recon', 'monai'])}")
+            raise SystemExit(f"unknown row {name!r}; choose from {', '.join([*ROWS, 'recon', 'recon-raw', 'monai'])}")
         if not (args.reuse and done.is_file()):
             extra["generate_seconds"] = round(time.perf_counter() - t0, 1)
             done.write_text(json.dumps(extra))

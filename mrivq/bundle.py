@@ -27,7 +27,7 @@ import torch
 
 from mrivq import __version__
 from mrivq.errors import MrivqError
-from mrivq.runs import Run
+from mrivq.runs import Run, file_sha256
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
 _INFO_KEYS = ("model_config", "preprocess", "latent_shape", "image_shape", "in_channels", "intensity", "classes",
@@ -45,7 +45,6 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Run:
     from mrivq.data import Preprocess
     from mrivq.errors import RunError
     from mrivq.models.vqvae import VQVAE
-    from mrivq.runs import file_sha256
 
     root = Path(path)
     try:
@@ -225,7 +224,10 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
 
         dump("configs/metadata.json", _metadata(r, realism))
         dump("configs/inference.json", _inference_config(num_samples))
-        dump("configs/mrivq.json", {k: r.info[k] for k in _INFO_KEYS if k in r.info})
+        info = {k: r.info[k] for k in _INFO_KEYS if k in r.info}
+        if r.calibration is not None:  # tied to the bundle's own copy of the weights
+            info["calibration"] = {**r.calibration, "vqvae_sha256": file_sha256(tmp / "models" / "model.pt")}
+        dump("configs/mrivq.json", info)
         atomic_write_bytes(tmp / "docs" / "README.md", _readme(r, licence, citation, num_samples).encode())
         atomic_write_bytes(tmp / "LICENSE", (
             "The code that runs this bundle (mrivq) is under its own licence. These weights were trained on "

@@ -465,6 +465,9 @@ def synth(
     covariate: list[str] = CovariateOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
     reference: bool = typer.Option(False, "--reference", help="Use the slow reference sampler."),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="Map decoded intensities through "
+                                   "the run's calibration (fitted on its training reconstructions) when it has "
+                                   "one; --no-calibrate writes the decoder's raw output."),
     prior: str = typer.Option("pixelcnn", "--prior", help="pixelcnn (the run's trained prior, PixelCNN or "
                               "maskgit), marginal (each position's training code frequencies) or uniform "
                               "(random codes)."),
@@ -479,7 +482,7 @@ def synth(
         res = synthesize(run, count, out_dir, seed=seed, temperature=temperature, top_k=top_k,
                          batch_size=batch_size, cls=class_, covariates=_covariates(covariate),
                          overwrite=overwrite, cached=not reference,
-                         device=device, progress=prog, prior=prior, fmt=fmt)
+                         device=device, progress=prog, prior=prior, fmt=fmt, calibrate=calibrate)
     out.print(f"wrote {count} samples to {out_dir}/")
     for p in res["images"][:3]:
         out.print(f"  {p}")

@@ -45,7 +45,9 @@ class HealOptions:
     own error on healthy tissue); ``smooth``: Gaussian sigma in voxels applied to the map and the baselines' (0: none);
     ``zscore``: when above 0, flag a code whose NLL is that many standard deviations above the NLL at
     its position in the run's healthy training codes, instead of by ``threshold`` (the prior is more
-    certain in some places than others: a fixed probability flags the uncertain places first)."""
+    certain in some places than others: a fixed probability flags the uncertain places first);
+    ``calibrate``: decoded volumes (healed and plain reconstructions) go through the run's intensity
+    calibration (:mod:`mrivq.calibration`) before they are compared with the input."""
 
     threshold: float = 0.05
     resamples: int = 4
@@ -56,6 +58,7 @@ class HealOptions:
     against: str = "input"
     smooth: float = 2.0
     zscore: float = 0.0
+    calibrate: bool = False
 
     def validate(self) -> HealOptions:
         if not 0 < self.threshold < 1:
@@ -129,14 +132,28 @@ def nll_reference(prior: Any, codes: torch.Tensor, batch_size: int = 16) -> tupl
 
 def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any = None, *,
          cached: bool = True, batch_size: int | None = None, progress: Any = None,
-         reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+         reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+         calibration: dict | None = None) -> dict[str, torch.Tensor]:
     """Heal a model-space batch ``x [B, C, *spatial]`` (a volume, or a 2D run's slices).
 
     Returns tensors on the model grid: ``anomaly``, ``recon_residual`` and ``nll`` (``[B, 1, *]``:
     the healed residual, the reconstruction residual and the upsampled NLL in nats, all zero outside
     the head), ``healed`` (``[B, C, *]``, the mean healed reconstruction), ``resampled`` (``[B, *latent]``
-    bool) and ``head`` (``[B, 1, *]``, the foreground mask used)."""
+    bool) and ``head`` (``[B, 1, *]``, the foreground mask used). ``calibration``: the run's, applied
+    to every decoded volume when ``opts.calibrate``."""
     opts.validate()
+    if opts.calibrate and calibration is None:
+        raise MrivqError("calibrated healing needs the run's intensity calibration, which this run does not have; "
+                         "run `mrivq train --stage prior --run RUN` to fit it, or heal without calibrate")
+
+    def decode(grids: torch.Tensor) -> torch.Tensor:
+        y = vqvae.decode_indices(grids).float().clamp(0, 1)
+        if opts.calibrate:
+            from mrivq.calibration import apply_quantile_map
+
+            y = apply_quantile_map(y, calibration)
+        return y
+
     with torch.no_grad():
         idx = vqvae.encode_indices(x)
         nll = log_likelihood(prior, idx, cond, batch_size=batch_size).float()
@@ -147,15 +164,14 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
             resample = (nll - mean) / std > opts.zscore
         else:
             resample = nll > -math.log(opts.threshold)
-        recon = vqvae.decode_indices(idx).float().clamp(0, 1)
+        recon = decode(idx)
         if resample.any():
             grids = heal_tokens(prior, idx, resample, opts.resamples, temperature=opts.temperature,
                                 seed=opts.seed, cached=cached, cond=cond, batch_size=batch_size,
                                 progress=progress)
             b, n = grids.shape[:2]
             flat = grids.flatten(0, 1)
-            dec = torch.cat([vqvae.decode_indices(flat[s:s + 8]).float().clamp(0, 1)
-                             for s in range(0, flat.shape[0], 8)])
+            dec = torch.cat([decode(flat[s:s + 8]) for s in range(0, flat.shape[0], 8)])
             dec = dec.view(b, n, *dec.shape[1:])
         else:  # nothing unlikely: the healed scan is the reconstruction
             dec = recon[:, None]

@@ -305,7 +305,7 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     x, ctx = _prepare(r, image, dev)
     cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
     res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress,
-               reference=run_nll_reference(r) if opts.zscore > 0 else None)
+               reference=run_nll_reference(r) if opts.zscore > 0 else None, calibration=r.calibration)
     out: dict[str, Any] = {}
     for key in ("anomaly", "recon_residual", "nll"):
         out[key], affine = D.restore(_unbatch(res[key], ctx, r), ctx, intensity=False)

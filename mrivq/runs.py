@@ -226,6 +226,24 @@ class Run:
         return tuple(self.info["latent_shape"])
 
     @property
+    def calibration(self) -> dict | None:
+        """The decoder's intensity calibration (:mod:`mrivq.calibration`) when it was fitted for the
+        loaded VQ-VAE checkpoint, else None (runs from before it, or a checkpoint trained since)."""
+        cal = self.info.get("calibration")
+        return cal if cal and cal.get("vqvae_sha256") == self.checkpoints.get("vqvae") else None
+
+    def decode(self, indices: torch.Tensor, calibrate: bool = True) -> torch.Tensor:
+        """Code grids -> float volumes in [0, 1] on the VQ-VAE's device, through the calibration
+        when ``calibrate`` and the run has one (what synth writes; reconstructions stay raw)."""
+        dev = next(self.vqvae.parameters()).device
+        x = self.vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)
+        if calibrate and self.calibration is not None:
+            from mrivq.calibration import apply_quantile_map
+
+            x = apply_quantile_map(x, self.calibration)
+        return x
+
+    @property
     def class_names(self) -> list[str] | None:
         """Names of the prior's classes (``data.condition_on``), id ``i`` is ``names[i]``; None when
         the classes are a dataset's numeric labels (MNIST digits) or the prior is unconditional."""

@@ -98,7 +98,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                top_k: int | None = None, batch_size: int = 16, cls: str | int | None = None,
                covariates: dict[str, float] | None = None, overwrite: bool = False, cached: bool = True,
                device: str = "auto", progress: Progress | None = None, prior: str = "pixelcnn",
-               fmt: str = "nifti") -> dict:
+               fmt: str = "nifti", calibrate: bool = True) -> dict:
     """Sample ``count`` images from a run's prior into ``out_dir``; returns the written paths.
 
     ``cls`` picks the class of a class-conditional prior (default: cycle through the classes);
@@ -107,7 +107,9 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     answers "is a prior needed?":
     ``marginal`` draws each position's code independently from its training frequency there,
     ``uniform`` draws codes uniformly at random. ``fmt``: ``nifti``, ``dicom`` (one DICOM series
-    folder per 3D sample, :mod:`mrivq.dicomout`) or ``both``."""
+    folder per 3D sample, :mod:`mrivq.dicomout`) or ``both``. ``calibrate``: decoded volumes go through
+    the run's intensity calibration (:mod:`mrivq.calibration`) when it has one."""
+    from mrivq.calibration import describe
     from mrivq.io import save_nifti, save_png
     from mrivq.preview import grid, montage
     from mrivq.sampling import sample_independent, sample_tokens
@@ -153,7 +155,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     planned = [p for ps in images_of for p in ps]
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
             "temperature": temperature, "top_k": top_k, "prior": prior,
-            "sampler": _sampler_name(r, prior, cached)}
+            "sampler": _sampler_name(r, prior, cached),
+            "calibration": describe(r.calibration if calibrate else None)}
 
     def sidecar_of(i: int) -> dict:
         c = None if class_ids is None else int(class_ids[i])
@@ -186,7 +189,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                 continue
             # the whole batch, as a run from scratch decodes it: a sample's float rounding (and so its
             # bytes) does not depend on which of its neighbours an earlier run finished
-            x = r.vqvae.decode_indices(tokens[s:s + DECODE_BATCH].to(dev)).float().clamp(0, 1).cpu().numpy()
+            x = r.decode(tokens[s:s + DECODE_BATCH], calibrate).cpu().numpy()
             for i in ids:
                 xi = x[i - s]
                 # each sample is written whole before the next (its sidecar last: the mark of a
@@ -216,7 +219,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         if done:  # the grid shows every sample: decode again the ones an earlier run wrote (cheap in 2D)
             ids = sorted(done)
             with torch.no_grad():
-                x = r.vqvae.decode_indices(tokens[ids].to(dev)).float().clamp(0, 1).cpu().numpy()
+                x = r.decode(tokens[ids], calibrate).cpu().numpy()
             decoded.update(zip(ids, x, strict=True))
         save_png(grid([decoded[i] for i in range(count)]), g)
         previews.append(str(g))

@@ -99,7 +99,7 @@ class SyntheticDataset(Dataset):
         tokens = sample_tokens(r.prior, r.latent_shape, 1, temperature=self.temperature, top_k=self.top_k,
                                seed=self.seed, cond=cond, first=i)
         with torch.no_grad():
-            x = r.vqvae.decode_indices(tokens.to(dev)).float().clamp(0, 1)[0].cpu().numpy()
+            x = r.decode(tokens)[0].cpu().numpy()
         return x, c
 
     def _read(self, r: Any, i: int) -> tuple[np.ndarray, int | None]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mrivq import distributed as ddp
 from mrivq.builders import PRIOR_TRAIN_DEFAULTS, build_prior, build_vqvae, total_steps
+from mrivq.calibration import MAX_SUBJECTS, QuantileSketch, fit_quantile_map
 from mrivq.errors import MrivqError, RunError
 from mrivq.loop import LoopConfig, batch_indices, run_loop
 from mrivq.progress import Progress, silent
@@ -52,7 +53,7 @@ def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Pro
     cache = codes_path(run_dir)
     if cache.is_file():
         codes = load_codes(cache)  # None when unreadable: encoded again below
-        if codes is not None and codes.get("vqvae_sha256") == sha and "train_subjects" in codes:
+        if codes is not None and codes.get("vqvae_sha256") == sha and "calibration" in codes:
             return codes
     info = read_run_info(run_dir)
     model = build_vqvae({"data": {"dims": split.pre.dims}, "model": info["model_config"]["vqvae"]},
@@ -60,11 +61,18 @@ def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Pro
     load_weights(model, load_checkpoint(ck_path, map_location=device), ck_path)
     model.eval()
     out: dict = {"vqvae_sha256": sha}
+    decoded = target = None
     for name, ds in (("train", split.train), ("val", split.val)):
         grids, labels, subjects = [], [], []
         with torch.no_grad(), progress.task(f"encode {name}", total=len(ds), unit="item") as bar:
             for b in iterate(ds, 8, device):
-                grids.append(compact_codes(model.encode_indices(b["image"]).cpu(), model.num_embeddings))
+                idx = model.encode_indices(b["image"])
+                grids.append(compact_codes(idx.cpu(), model.num_embeddings))
+                if name == "train" and (target is None or target.items < MAX_SUBJECTS):
+                    if target is None:
+                        decoded, target = QuantileSketch(b["image"].shape[1]), QuantileSketch(b["image"].shape[1])
+                    decoded.update(model.decode_indices(idx).float().clamp(0, 1))
+                    target.update(b["image"])
                 if "label" in b:
                     labels.append(b["label"].cpu())
                 subjects.extend(b["subject"])
@@ -73,6 +81,8 @@ def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Pro
         out[f"{name}_subjects"] = subjects
         if labels:
             out[f"{name}_labels"] = torch.cat(labels)
+    # the decoder's intensity calibration (mrivq.calibration), fitted on the training reconstructions
+    out["calibration"] = fit_quantile_map(decoded, target, sha) if target is not None else None
     save_checkpoint(cache, out)
     return out
 
@@ -173,7 +183,7 @@ def train_prior(cfg: dict, run_dir: Path, split: Any, device: torch.device, *, r
     tr_cov = _covariate_rows(split, codes["train_subjects"]) if cov else None
     va_cov = _covariate_rows(split, codes["val_subjects"]) if cov else None
     update_run_info(run_dir, model_config={**info["model_config"], "prior": prior.config}, classes=classes,
-                    covariates=cov)
+                    covariates=cov, calibration=codes.get("calibration"))
     n, bs = len(tr), int(tcfg["batch_size"])
     stale = resume and ddp.is_main() and set_aside_stale_prior(run_dir, codes["vqvae_sha256"], progress)
     if ddp.broadcast(stale):

@@ -122,9 +122,20 @@ def _fid(features: Any, synth: np.ndarray, real: np.ndarray) -> float:
     return fid(features(synth), features(real))
 
 
-def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4) -> np.ndarray:
-    """``x`` encoded and decoded by the run's VQ-VAE (eval mode: the codebook never changes), then
-    intensity-scaled as a written sample is when it is read back (the run's percentile scaling)."""
+def _samples_calibrated(files: list[Path]) -> bool:
+    """Whether the samples went through the run's intensity calibration: their synth sidecars say
+    so; files without sidecars (not written by ``mrivq synth``) are taken as synth's default."""
+    from mrivq.synth import _read_json
+
+    said = [_read_json(f.parent / (f.name.split(".")[0] + ".json")) for f in files]
+    said = [d.get("calibration") for d in said if isinstance(d, dict) and "calibration" in d]
+    return any(v != "none" for v in said) if said else True
+
+
+def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4, calibrate: bool = True) -> np.ndarray:
+    """``x`` encoded and decoded by the run's VQ-VAE (eval mode: the codebook never changes), through
+    its calibration as synth decodes (when ``calibrate``), then intensity-scaled as a written sample is
+    when it is read back (the run's percentile scaling)."""
     from monai.data import MetaTensor
 
     from mrivq.data import ScalePercentilesd
@@ -137,7 +148,7 @@ def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4) ->
     with torch.no_grad(), (progress or silent()).task("reconstruct", total=len(x), unit="vol") as bar:
         for s in range(0, len(x), batch):
             xb = torch.as_tensor(x[s:s + batch], device=dev)
-            y = r.vqvae.decode_indices(r.vqvae.encode_indices(xb)).float().clamp(0, 1).cpu()
+            y = r.decode(r.vqvae.encode_indices(xb), calibrate).cpu()
             out.extend(scale({"image": MetaTensor(v)})["image"].as_tensor().numpy() for v in y)
             bar.advance(len(xb))
     return np.stack(out)
@@ -179,11 +190,15 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
         if other is not None and other.x.shape[1:] != S.x.shape[1:]:
             raise MrivqError(f"{other.source} preprocesses to {other.x.shape[1:]} but the samples to "
                              f"{S.x.shape[1:]}; compare volumes of one run")
-    space = (_reconstruct(r, T.x, progress), _reconstruct(r, R.x, progress)) if T is not None else None
+    cal = _samples_calibrated(files) and r.calibration is not None
+    space = (_reconstruct(r, T.x, progress, calibrate=cal), _reconstruct(r, R.x, progress, calibrate=cal)) \
+        if T is not None else None
     res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed, model_space=space)
     label, idx = res.pop("_nearest")
     anatomy = res.pop("_anatomy")
     ref = T if T is not None else R
+    if space is not None:
+        res["memorization_space"] += " (calibrated)" if cal else ""
     res.update(run=str(r.path), samples=str(samples), real=R.source, train=T.source if T is not None else None,
                nearest=[ref.names[i] for i in idx], sample_names=S.names)
     res = _finite(res)
