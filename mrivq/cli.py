@@ -66,6 +66,8 @@ HealResamplesOpt = typer.Option(4, "--resamples", help="Healing: healed versions
 HealZscoreOpt = typer.Option(0.0, "--zscore", help="Healing: flag codes this many SDs above their position's NLL "
                              "on the training codes, instead of --threshold (0: off).")
 HealSmoothOpt = typer.Option(HEAL_SMOOTH, "--smooth", help="Healing: Gaussian sigma (voxels) of the maps.")
+HealCalibrateOpt = typer.Option(False, "--calibrate", help="Healing: compare the input with reconstructions "
+                                "through the run's intensity calibration (measured: a small gain).")
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -270,6 +272,7 @@ def eval_(
     resamples: int = HealResamplesOpt,
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
+    calibrate: bool = HealCalibrateOpt,
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
@@ -284,7 +287,8 @@ def eval_(
         from mrivq.heal import HealOptions
 
         return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(
-            threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth).validate(), json_out, root,
+            threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth, calibrate=calibrate).validate(),
+            json_out, root,
             device, overwrite)
     if dataset is not None:
         raise MrivqError("--dataset goes with --anomaly")
@@ -507,6 +511,7 @@ def score(
     resamples: int = HealResamplesOpt,
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
+    calibrate: bool = HealCalibrateOpt,
     brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
                                            "geometry; the maps are zero outside it."),
     background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "
@@ -530,7 +535,7 @@ def score(
     from mrivq.heal import HealOptions
 
     opts = HealOptions(threshold=threshold, resamples=resamples, background=background, erode=erode,
-                       seed=seed, zscore=zscore, smooth=smooth).validate()
+                       seed=seed, zscore=zscore, smooth=smooth, calibrate=calibrate).validate()
     with Progress() as prog:
         res = heal_file(run, image, output, opts, healed=healed, brain=brain_mask, device=device, cls=class_,
                         covariates=_covariates(covariate), overwrite=overwrite, progress=prog)

@@ -236,11 +236,12 @@ class Run:
         """Code grids -> float volumes in [0, 1] on the VQ-VAE's device, through the calibration
         when ``calibrate`` and the run has one (what synth writes; reconstructions stay raw)."""
         dev = next(self.vqvae.parameters()).device
-        x = self.vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)
-        if calibrate and self.calibration is not None:
-            from mrivq.calibration import apply_quantile_map
+        with torch.no_grad():  # inference: no graph is kept
+            x = self.vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)
+            if calibrate and self.calibration is not None:
+                from mrivq.calibration import apply_quantile_map
 
-            x = apply_quantile_map(x, self.calibration)
+                x = apply_quantile_map(x, self.calibration)
         return x
 
     @property

@@ -119,6 +119,7 @@ def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_pa
     assert r.calibration is None
     codes = torch.zeros((1, *r.latent_shape), dtype=torch.long)
     assert torch.equal(r.decode(codes), r.decode(codes, calibrate=False))
+    assert not r.decode(codes).requires_grad  # an inference helper keeps no graph
     res = invoke("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s" / "synth_0000.json").read_text())["calibration"] == "none"
@@ -161,3 +162,20 @@ def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> No
         want = (x - r.decode(idx)).abs().mean(1, keepdim=True) * cal["head"]
     assert torch.allclose(cal["recon_residual"], want, atol=1e-6)
     assert not torch.allclose(raw["recon_residual"], cal["recon_residual"])
+
+
+def test_score_heal_calibrate_cli(trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    scan = sorted((phantom_root / "phantom").rglob("*.nii.gz"))[0]
+    res = invoke("score", str(scan), "-o", str(tmp_path / "map.nii.gz"), "--run", str(trained_run), "--heal",
+                 "--calibrate", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "map.nii.gz").is_file() and (tmp_path / "map_healed.nii.gz").is_file()
+    run = tmp_path / "old"
+    shutil.copytree(trained_run, run)
+    info = json.loads((run / "run.json").read_text())
+    del info["calibration"]  # a run from before calibrations were fitted
+    (run / "run.json").write_text(json.dumps(info))
+    res = invoke("score", str(scan), "-o", str(tmp_path / "map2.nii.gz"), "--run", str(run), "--heal",
+                 "--calibrate", "--device", "cpu")
+    assert res.exit_code == 2 and "mrivq train --stage prior" in res.output
+    assert not (tmp_path / "map2.nii.gz").exists()
