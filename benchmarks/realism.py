@@ -196,7 +196,7 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
             latent_spatial_dim=latent, starting_tokens=torch.full((count, 1), k, dtype=torch.long),
             vqvae_model=m["vqvae"], transformer_model=m["transformer"], ordering=m["ordering"], verbose=False)
     sample_s = time.perf_counter() - t0
-    write_volumes(load_run(run), img.clamp(0, 1).numpy(), out)
+    write_volumes(load_run(run), img.clamp(0, 1).numpy(), out, "none")  # compared with mrivq's raw reconstructions
     return {**m["record"], "sample_seconds": round(sample_s, 1)}
 
 

@@ -26,7 +26,7 @@ import torch
 #: histogram bins on (0, 1) and quantile levels of the stored map
 BINS = 4096
 LEVELS = 513
-#: training subjects whose reconstructions the map is fitted on (every one when fewer)
+#: training subjects whose reconstructions the map is fitted on (every one when fewer), evenly spread
 MAX_SUBJECTS = 64
 
 
@@ -56,13 +56,19 @@ class QuantileSketch:
         """``[C, len(levels)]``: the value below which each level's share of the voxels lies, linear
         within a bin; a level inside the mass at 0 (or 1) is exactly 0 (or 1)."""
         edges = np.linspace(0.0, 1.0, self.bins + 1)
+        levels = np.asarray(levels, dtype=np.float64)
         out = []
         for c in range(len(self.low)):
+            # the CDF at the right end of each piece: the mass at 0, each bin, the mass at 1
             counts = np.concatenate([[0.0, self.low[c]], self.hist[c], [self.high[c]]])
             xs = np.concatenate([[0.0, 0.0], edges[1:], [1.0]])
             cdf = np.cumsum(counts) / max(counts.sum(), 1.0)
-            keep = np.r_[True, np.diff(cdf) > 0]  # np.interp wants increasing points: drop empty bins
-            out.append(np.interp(levels, cdf[keep], xs[keep]))
+            # the piece each level falls in (the first whose CDF reaches it: empty pieces are skipped),
+            # then linear within that piece only
+            k = np.clip(np.searchsorted(cdf, levels, side="left"), 1, len(cdf) - 1)
+            lo, hi = cdf[k - 1], cdf[k]
+            t = np.where(hi > lo, (levels - lo) / np.where(hi > lo, hi - lo, 1.0), 1.0)
+            out.append(xs[k - 1] + np.clip(t, 0.0, 1.0) * (xs[k] - xs[k - 1]))
         return np.asarray(out)
 
 
@@ -84,7 +90,9 @@ def fit_quantile_map(decoded: QuantileSketch, target: QuantileSketch, vqvae_sha2
 
 def apply_quantile_map(x: torch.Tensor, cal: dict[str, Any]) -> torch.Tensor:
     """``x`` ``[B, C, *spatial]`` in [0, 1] through the run's map (piecewise linear between its
-    points, constant beyond them); same device and dtype."""
+    points, constant beyond them); same device and dtype (computed in float32: half precision would
+    merge neighbouring points of the map)."""
+    dtype, x = x.dtype, x.float()
     out = torch.empty_like(x)
     for c in range(x.shape[1]):
         src = torch.as_tensor(cal["source"][c], dtype=x.dtype, device=x.device)
@@ -97,7 +105,7 @@ def apply_quantile_map(x: torch.Tensor, cal: dict[str, Any]) -> torch.Tensor:
         x0, x1, y0, y1 = src[i - 1], src[i], dst[i - 1], dst[i]
         t = ((v - x0) / (x1 - x0)).clamp(0, 1)
         out[:, c] = y0 + t * (y1 - y0)
-    return out
+    return out.to(dtype)
 
 
 def describe(cal: dict | None) -> str:

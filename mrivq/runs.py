@@ -34,6 +34,10 @@ from mrivq.errors import MrivqError, RunError
 RUN_MARKER = "run.json"
 
 
+#: volumes decoded at once (synth, fitting the calibration): the decoder's activations at full
+#: resolution are what takes memory
+DECODE_BATCH = 4
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 

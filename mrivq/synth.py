@@ -20,13 +20,11 @@ from mrivq import data as D
 from mrivq.errors import MrivqError
 from mrivq.loop import resolve_device
 from mrivq.progress import Progress, silent
-from mrivq.runs import codes_path, load_codes, load_run, write_json
+from mrivq.runs import DECODE_BATCH, codes_path, load_codes, load_run, write_json
 
 PRIORS = ("pixelcnn", "marginal", "uniform")
 # Code grids are sampled ``batch_size`` at a time (the cached sampler's cost per position is mostly
-# fixed overhead, so larger batches are nearly free), but decoded a few at a time: the decoder's
-# activations at full resolution are what takes memory.
-DECODE_BATCH = 4
+# fixed overhead, so larger batches are nearly free), but decoded DECODE_BATCH at a time.
 
 
 def _baseline_logits(r: Any, prior: str) -> torch.Tensor:

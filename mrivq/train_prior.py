@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +21,7 @@ from mrivq.errors import MrivqError, RunError
 from mrivq.loop import LoopConfig, batch_indices, run_loop
 from mrivq.progress import Progress, silent
 from mrivq.runs import (
+    DECODE_BATCH,
     checkpoint_path,
     codes_path,
     file_sha256,
@@ -61,18 +63,25 @@ def _encode_split(run_dir: Path, split: Any, device: torch.device, progress: Pro
     load_weights(model, load_checkpoint(ck_path, map_location=device), ck_path)
     model.eval()
     out: dict = {"vqvae_sha256": sha}
+    # the calibration's subjects: evenly spread through the training set (its order may follow site or class)
+    fit_rows = set(np.linspace(0, len(split.train) - 1, min(MAX_SUBJECTS, len(split.train))).round().astype(int))
     decoded = target = None
     for name, ds in (("train", split.train), ("val", split.val)):
         grids, labels, subjects = [], [], []
+        seen = 0
         with torch.no_grad(), progress.task(f"encode {name}", total=len(ds), unit="item") as bar:
             for b in iterate(ds, 8, device):
                 idx = model.encode_indices(b["image"])
                 grids.append(compact_codes(idx.cpu(), model.num_embeddings))
-                if name == "train" and (target is None or target.items < MAX_SUBJECTS):
+                rows = [i for i in range(len(idx)) if seen + i in fit_rows] if name == "train" else []
+                seen += len(idx)
+                if rows:
                     if target is None:
                         decoded, target = QuantileSketch(b["image"].shape[1]), QuantileSketch(b["image"].shape[1])
-                    decoded.update(model.decode_indices(idx).float().clamp(0, 1))
-                    target.update(b["image"])
+                    for s in range(0, len(rows), DECODE_BATCH):  # decoder activations are the big ones
+                        part = rows[s:s + DECODE_BATCH]
+                        decoded.update(model.decode_indices(idx[part]).float().clamp(0, 1))
+                        target.update(b["image"][part])
                 if "label" in b:
                     labels.append(b["label"].cpu())
                 subjects.extend(b["subject"])

@@ -34,6 +34,15 @@ def test_sketch_quantiles_keep_the_point_masses_exact() -> None:
     assert q[5] == 1.0
 
 
+def test_sketch_quantiles_of_gapped_and_discrete_distributions() -> None:
+    two = torch.tensor([0.3] * 500 + [0.9] * 500).reshape(1, 1, -1)  # tissue classes, nothing between
+    q = _sketch(two).quantiles(np.array([0.25, 0.75]))[0]
+    assert np.allclose(q, [0.3, 0.9], atol=1e-3)
+    gap = torch.cat([torch.zeros(4000), 0.5 + 0.5 * torch.rand(6000, generator=torch.Generator().manual_seed(0))])
+    q = _sketch(gap.reshape(1, 1, -1)).quantiles(np.array([0.39, 0.40005, 0.7]))[0]
+    assert q[0] == 0.0 and q[1] == pytest.approx(0.5, abs=1e-3) and q[2] == pytest.approx(0.75, abs=0.02)
+
+
 def test_map_recovers_a_monotone_distortion_per_channel() -> None:
     g = torch.Generator().manual_seed(1)
     target = torch.rand(3, 2, 16, 16, 16, generator=g)
@@ -105,6 +114,10 @@ def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Pa
 
     assert _samples_calibrated(nifti_files(tmp_path / "a"))
     assert not _samples_calibrated(nifti_files(tmp_path / "b"))
+    side = tmp_path / "a" / "synth_0001.json"  # samples written before calibrations existed: raw
+    side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "calibration"}))
+    (tmp_path / "a" / "synth_0000.json").unlink()
+    assert not _samples_calibrated(nifti_files(tmp_path / "a"))
 
 
 def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -128,6 +141,28 @@ def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_pa
     res = invoke("train", "--stage", "prior", "--run", str(run), "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert load_run(run).calibration is not None
+
+
+def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import mrivq.train_prior as tp
+    from mrivq.runs import load_run
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    (run / "codes" / "codes.pt").unlink()
+    seen: list[int] = []
+    real_update = QuantileSketch.update
+
+    def counting(self: QuantileSketch, x: torch.Tensor) -> None:
+        seen.append(int(x.shape[0]))
+        real_update(self, x)
+
+    monkeypatch.setattr(tp, "MAX_SUBJECTS", 2)
+    monkeypatch.setattr(QuantileSketch, "update", counting)
+    res = invoke("train", "--stage", "prior", "--run", str(run), "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert load_run(run).calibration["subjects"] == 2 and sum(seen) == 4  # 2 decoded + their 2 scans
 
 
 def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
