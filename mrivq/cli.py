@@ -66,8 +66,9 @@ HealResamplesOpt = typer.Option(4, "--resamples", help="Healing: healed versions
 HealZscoreOpt = typer.Option(0.0, "--zscore", help="Healing: flag codes this many SDs above their position's NLL "
                              "on the training codes, instead of --threshold (0: off).")
 HealSmoothOpt = typer.Option(HEAL_SMOOTH, "--smooth", help="Healing: Gaussian sigma (voxels) of the maps.")
-HealCalibrateOpt = typer.Option(False, "--calibrate", help="Healing: compare the input with reconstructions "
-                                "through the run's intensity calibration (measured: a small gain).")
+HealCalibrateOpt = typer.Option(None, "--calibrate/--no-calibrate", help="Healing: compare the input with "
+                                "reconstructions through the run's intensity calibration (default: when the run "
+                                "has one; measured better).", show_default=False)
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -272,7 +273,7 @@ def eval_(
     resamples: int = HealResamplesOpt,
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
-    calibrate: bool = HealCalibrateOpt,
+    calibrate: bool | None = HealCalibrateOpt,
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
@@ -511,7 +512,7 @@ def score(
     resamples: int = HealResamplesOpt,
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
-    calibrate: bool = HealCalibrateOpt,
+    calibrate: bool | None = HealCalibrateOpt,
     brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
                                            "geometry; the maps are zero outside it."),
     background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "

@@ -19,7 +19,7 @@ reconstruction residual ``|x - D(E(x))|`` and the upsampled per-code NLL map.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +47,9 @@ class HealOptions:
     its position in the run's healthy training codes, instead of by ``threshold`` (the prior is more
     certain in some places than others: a fixed probability flags the uncertain places first);
     ``calibrate``: decoded volumes (healed and plain reconstructions) go through the run's intensity
-    calibration (:mod:`mrivq.calibration`) before they are compared with the input."""
+    calibration (:mod:`mrivq.calibration`) before they are compared with the input; None (the
+    default) when the run has one. Measured on 48 lesion subjects, two training runs, both halves:
+    AUPRC and best Dice higher in every case (``benchmarks/anomaly.py``, README)."""
 
     threshold: float = 0.05
     resamples: int = 4
@@ -58,7 +60,7 @@ class HealOptions:
     against: str = "input"
     smooth: float = 2.0
     zscore: float = 0.0
-    calibrate: bool = False
+    calibrate: bool | None = None
 
     def validate(self) -> HealOptions:
         if not 0 < self.threshold < 1:
@@ -81,6 +83,16 @@ class HealOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolved(self, calibration: dict | None) -> HealOptions:
+        """These options with ``calibrate`` decided for a run whose calibration is ``calibration``
+        (None: the run has none); an explicit ``calibrate=True`` without one is a one-line error."""
+        if self.calibrate is None:
+            return replace(self, calibrate=calibration is not None)
+        if self.calibrate and calibration is None:
+            raise MrivqError("calibrated healing needs the run's intensity calibration, which this run does not "
+                             "have; run `mrivq train --stage prior --run RUN` to fit it, or pass --no-calibrate")
+        return self
 
 
 def _upsample(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
@@ -140,11 +152,8 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
     the healed residual, the reconstruction residual and the upsampled NLL in nats, all zero outside
     the head), ``healed`` (``[B, C, *]``, the mean healed reconstruction), ``resampled`` (``[B, *latent]``
     bool) and ``head`` (``[B, 1, *]``, the foreground mask used). ``calibration``: the run's, applied
-    to every decoded volume when ``opts.calibrate``."""
-    opts.validate()
-    if opts.calibrate and calibration is None:
-        raise MrivqError("calibrated healing needs the run's intensity calibration, which this run does not have; "
-                         "run `mrivq train --stage prior --run RUN` to fit it, or heal without calibrate")
+    to every decoded volume when ``opts.calibrate`` (None: when there is one)."""
+    opts = opts.validate().resolved(calibration)
 
     def decode(grids: torch.Tensor) -> torch.Tensor:
         y = vqvae.decode_indices(grids).float().clamp(0, 1)

@@ -302,6 +302,7 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     and ``resampled`` (the fraction of codes redrawn)."""
     from mrivq.heal import heal
 
+    opts = opts.resolved(r.calibration)  # before any reading: a one-line error if it cannot be honoured
     x, ctx = _prepare(r, image, dev)
     cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
     res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress,

@@ -157,6 +157,7 @@ def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesio
     assert "healed" in res.output and "residual" in res.output and "per lesion kind" in res.output
     m = json.loads(out.read_text())
     assert m["n_subjects"] == 3 and m["n_calibration"] == 3  # half measured, half for the threshold
+    assert m["heal"]["calibrate"] is True  # the run has an intensity calibration: healing uses it by default
     for key in ("auprc", "auroc", "best_dice", "dice"):
         assert 0 <= m[key] <= 1
     for meth in ("healed", "residual", "nll"):

@@ -191,6 +191,10 @@ def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> No
     raw = heal(r.vqvae, r.prior, x, HealOptions(smooth=0))
     cal = heal(r.vqvae, r.prior, x, HealOptions(smooth=0, calibrate=True), calibration=r.calibration)
     assert torch.equal(raw["resampled"], cal["resampled"])  # the same codes are flagged
+    auto = heal(r.vqvae, r.prior, x, HealOptions(smooth=0), calibration=r.calibration)  # default: when there is one
+    assert torch.equal(auto["anomaly"], cal["anomaly"])
+    off = heal(r.vqvae, r.prior, x, HealOptions(smooth=0, calibrate=False), calibration=r.calibration)
+    assert torch.equal(off["anomaly"], raw["anomaly"])
     # the baseline residual is against the calibrated reconstruction
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x)
@@ -214,3 +218,7 @@ def test_score_heal_calibrate_cli(trained_run: Path, phantom_root: Path, tmp_pat
                  "--calibrate", "--device", "cpu")
     assert res.exit_code == 2 and "mrivq train --stage prior" in res.output
     assert not (tmp_path / "map2.nii.gz").exists()
+    for flag in ([], ["--no-calibrate"]):  # without the flag an old run heals raw, as before
+        res = invoke("score", str(scan), "-o", str(tmp_path / "map3.nii.gz"), "--run", str(run), "--heal",
+                     "--device", "cpu", "--overwrite", *flag)
+        assert res.exit_code == 0, res.output

@@ -183,6 +183,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     r, dev = _load(run, device, need_prior=True)
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --anomaly measures 3D runs")
+    opts = opts.resolved(r.calibration)  # recorded as used
     out = Path(json_out) if json_out else r.path / f"anomaly_{name}_{split}.json"
     pictures = out.with_name(out.name.removesuffix(".json") + "_pictures")
     if json_out and not overwrite and out.exists():
