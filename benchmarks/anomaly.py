@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,6 +91,15 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
     return {**{k: res.get(k) for k in KEEP}, "seconds": round(time.perf_counter() - t0, 1), **m["record"]}
 
 
+def _option(key: str, value: str) -> Any:
+    """A ``--variant`` value as its HealOptions type."""
+    if key == "against":
+        return value
+    if key == "calibrate":
+        return value.lower() in ("1", "true")
+    return float(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, help="a run trained on healthy phantoms (default: the quick start in --work)")
@@ -121,8 +131,7 @@ def main() -> None:
     specs = [(f"healed@{t}", {"threshold": float(t)}) for t in args.thresholds.split(",") if t]
     for v in args.variant:
         kw = dict(kv.split("=", 1) for kv in v.split(","))
-        specs.append((f"healed[{v}]", {k: (val if k == "against" else val in ("1", "true") if k == "calibrate"
-                                           else float(val)) for k, val in kw.items()}))
+        specs.append((f"healed[{v}]", {k: _option(k, val) for k, val in kw.items()}))
     for i, (name, kw) in enumerate(specs):
         kw = {"resamples": args.resamples, "seed": args.seed, **kw}
         kw["resamples"], kw["seed"] = int(kw["resamples"]), int(kw["seed"])

@@ -108,6 +108,15 @@ def apply_quantile_map(x: torch.Tensor, cal: dict[str, Any]) -> torch.Tensor:
     return out.to(dtype)
 
 
+def decode(vqvae: Any, indices: torch.Tensor, calibration: dict | None = None) -> torch.Tensor:
+    """Code grids -> float volumes in [0, 1] on the VQ-VAE's device, through ``calibration`` when
+    given (no graph is kept: this is inference). :meth:`mrivq.runs.Run.decode` and healing use it."""
+    dev = next(vqvae.parameters()).device
+    with torch.no_grad():
+        x = vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)
+        return apply_quantile_map(x, calibration) if calibration is not None else x
+
+
 def describe(cal: dict | None) -> str:
     """One phrase for sidecars and bundle metadata."""
     if not cal:

@@ -153,15 +153,10 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
     the head), ``healed`` (``[B, C, *]``, the mean healed reconstruction), ``resampled`` (``[B, *latent]``
     bool) and ``head`` (``[B, 1, *]``, the foreground mask used). ``calibration``: the run's, applied
     to every decoded volume when ``opts.calibrate`` (None: when there is one)."""
+    from mrivq.calibration import decode
+
     opts = opts.validate().resolved(calibration)
-
-    def decode(grids: torch.Tensor) -> torch.Tensor:
-        y = vqvae.decode_indices(grids).float().clamp(0, 1)
-        if opts.calibrate:
-            from mrivq.calibration import apply_quantile_map
-
-            y = apply_quantile_map(y, calibration)
-        return y
+    used = calibration if opts.calibrate else None
 
     with torch.no_grad():
         idx = vqvae.encode_indices(x)
@@ -173,14 +168,14 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
             resample = (nll - mean) / std > opts.zscore
         else:
             resample = nll > -math.log(opts.threshold)
-        recon = decode(idx)
+        recon = decode(vqvae, idx, used)
         if resample.any():
             grids = heal_tokens(prior, idx, resample, opts.resamples, temperature=opts.temperature,
                                 seed=opts.seed, cached=cached, cond=cond, batch_size=batch_size,
                                 progress=progress)
             b, n = grids.shape[:2]
             flat = grids.flatten(0, 1)
-            dec = torch.cat([decode(flat[s:s + 8]) for s in range(0, flat.shape[0], 8)])
+            dec = torch.cat([decode(vqvae, flat[s:s + 8], used) for s in range(0, flat.shape[0], 8)])
             dec = dec.view(b, n, *dec.shape[1:])
         else:  # nothing unlikely: the healed scan is the reconstruction
             dec = recon[:, None]

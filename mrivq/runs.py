@@ -33,10 +33,10 @@ from mrivq.errors import MrivqError, RunError
 
 RUN_MARKER = "run.json"
 
-
 #: volumes decoded at once (synth, fitting the calibration): the decoder's activations at full
 #: resolution are what takes memory
 DECODE_BATCH = 4
+
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
@@ -239,14 +239,9 @@ class Run:
     def decode(self, indices: torch.Tensor, calibrate: bool = True) -> torch.Tensor:
         """Code grids -> float volumes in [0, 1] on the VQ-VAE's device, through the calibration
         when ``calibrate`` and the run has one (what synth writes; reconstructions stay raw)."""
-        dev = next(self.vqvae.parameters()).device
-        with torch.no_grad():  # inference: no graph is kept
-            x = self.vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)
-            if calibrate and self.calibration is not None:
-                from mrivq.calibration import apply_quantile_map
+        from mrivq.calibration import decode
 
-                x = apply_quantile_map(x, self.calibration)
-        return x
+        return decode(self.vqvae, indices, self.calibration if calibrate else None)
 
     @property
     def class_names(self) -> list[str] | None:

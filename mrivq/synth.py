@@ -23,8 +23,6 @@ from mrivq.progress import Progress, silent
 from mrivq.runs import DECODE_BATCH, codes_path, load_codes, load_run, write_json
 
 PRIORS = ("pixelcnn", "marginal", "uniform")
-# Code grids are sampled ``batch_size`` at a time (the cached sampler's cost per position is mostly
-# fixed overhead, so larger batches are nearly free), but decoded DECODE_BATCH at a time.
 
 
 def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
@@ -185,6 +183,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
             ids = [i for i in range(s, min(s + DECODE_BATCH, count)) if i not in done]
             if not ids:
                 continue
+            # code grids are sampled batch_size at a time (the cached sampler's cost per position is
+            # mostly fixed overhead) but decoded DECODE_BATCH at a time (decoder activations are large);
             # the whole batch, as a run from scratch decodes it: a sample's float rounding (and so its
             # bytes) does not depend on which of its neighbours an earlier run finished
             x = r.decode(tokens[s:s + DECODE_BATCH], calibrate).cpu().numpy()
@@ -216,8 +216,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         g = out_dir / "grid.png"
         if done:  # the grid shows every sample: decode again the ones an earlier run wrote (cheap in 2D)
             ids = sorted(done)
-            with torch.no_grad():
-                x = r.decode(tokens[ids], calibrate).cpu().numpy()
+            x = r.decode(tokens[ids], calibrate).cpu().numpy()
             decoded.update(zip(ids, x, strict=True))
         save_png(grid([decoded[i] for i in range(count)]), g)
         previews.append(str(g))

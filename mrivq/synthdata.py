@@ -98,8 +98,7 @@ class SyntheticDataset(Dataset):
         cond, _ = r.condition(None if c is None else torch.tensor([c], device=dev), self.covariates, 1, dev)
         tokens = sample_tokens(r.prior, r.latent_shape, 1, temperature=self.temperature, top_k=self.top_k,
                                seed=self.seed, cond=cond, first=i)
-        with torch.no_grad():
-            x = r.decode(tokens)[0].cpu().numpy()
+        x = r.decode(tokens)[0].cpu().numpy()
         return x, c
 
     def _read(self, r: Any, i: int) -> tuple[np.ndarray, int | None]:
