@@ -95,7 +95,7 @@ def _option(key: str, value: str) -> Any:
     """A ``--variant`` value as its HealOptions type."""
     if key == "against":
         return value
-    if key == "calibrate":
+    if key in ("calibrate", "normalize"):
         return value.lower() in ("1", "true")
     return float(value)
 
@@ -145,6 +145,8 @@ def main() -> None:
         if i == 0 and not args.no_baselines:  # the baselines do not depend on the healing options
             rows["residual"] = summary(res["methods"]["residual"])
             rows["nll"] = summary(res["methods"]["nll"])
+        if "normative" in res["methods"] and not args.no_baselines:  # the first spec that normalizes
+            rows.setdefault("normative", summary(res["methods"]["normative"]))
         print(json.dumps({name: rows[name]}), file=sys.stderr)
     if not args.no_monai:
         first = rows[specs[0][0]]["options"]["smooth"] if specs else HealOptions().smooth

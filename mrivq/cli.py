@@ -69,6 +69,10 @@ HealSmoothOpt = typer.Option(HEAL_SMOOTH, "--smooth", help="Healing: Gaussian si
 HealCalibrateOpt = typer.Option(None, "--calibrate/--no-calibrate", help="Healing: compare the input with "
                                 "reconstructions through the run's intensity calibration (default: when the run "
                                 "has one; measured better).", show_default=False)
+HealNormalizeOpt = typer.Option(None, "--normalize/--no-normalize", help="Healing: residuals as per-voxel z-scores "
+                                "against the reconstruction residuals of the run's healthy validation scans "
+                                "(default: for 3D runs whose dataset or stored reference is there; measured "
+                                "better).", show_default=False)
 RunOpt = typer.Option(None, "--run", help="Run folder (default: the most recent under ./runs).")
 
 
@@ -274,6 +278,7 @@ def eval_(
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
     calibrate: bool | None = HealCalibrateOpt,
+    normalize: bool | None = HealNormalizeOpt,
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
     device: str = typer.Option("auto", "--device"),
@@ -288,7 +293,8 @@ def eval_(
         from mrivq.heal import HealOptions
 
         return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(
-            threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth, calibrate=calibrate).validate(),
+            threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth, calibrate=calibrate,
+            normalize=normalize).validate(),
             json_out, root,
             device, overwrite)
     if dataset is not None:
@@ -346,7 +352,7 @@ def _eval_anomaly(run: Path | None, dataset: str, opts, json_out: Path | None, r
                     f"(threshold from {m['n_calibration']} others)")
     for c in ("method", "AUPRC", "AUROC", "best Dice", "Dice at threshold"):
         t.add_column(c)
-    for meth in METHODS:
+    for meth in (k for k in METHODS if k in m["methods"]):
         p = m["methods"][meth]["pooled"]
         t.add_row(meth, num(p["auprc"]), num(p["auroc"]), num(p["best_dice"]), num(p.get("dice")))
     out.print(t)
@@ -513,6 +519,7 @@ def score(
     zscore: float = HealZscoreOpt,
     smooth: float = HealSmoothOpt,
     calibrate: bool | None = HealCalibrateOpt,
+    normalize: bool | None = HealNormalizeOpt,
     brain_mask: Path | None = typer.Option(None, "--brain-mask", help="--heal: a brain mask in the input's "
                                            "geometry; the maps are zero outside it."),
     background: float = typer.Option(0.05, "--background", help="--heal: scaled intensity (0-1) below which "
@@ -536,7 +543,8 @@ def score(
     from mrivq.heal import HealOptions
 
     opts = HealOptions(threshold=threshold, resamples=resamples, background=background, erode=erode,
-                       seed=seed, zscore=zscore, smooth=smooth, calibrate=calibrate).validate()
+                       seed=seed, zscore=zscore, smooth=smooth, calibrate=calibrate,
+                       normalize=normalize).validate()
     with Progress() as prog:
         res = heal_file(run, image, output, opts, healed=healed, brain=brain_mask, device=device, cls=class_,
                         covariates=_covariates(covariate), overwrite=overwrite, progress=prog)

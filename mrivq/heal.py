@@ -49,7 +49,16 @@ class HealOptions:
     ``calibrate``: decoded volumes (healed and plain reconstructions) go through the run's intensity
     calibration (:mod:`mrivq.calibration`) before they are compared with the input; None (the
     default) when the run has one. Measured on 48 lesion subjects, two training runs, both halves:
-    AUPRC and best Dice higher in every case (``benchmarks/anomaly.py``, README)."""
+    AUPRC and best Dice higher in every case (``benchmarks/anomaly.py``, README);
+    ``normalize``: residuals (the healed one and the reconstruction baseline's) become per-voxel
+    z-scores against the reconstruction residuals of healthy held-out scans (:func:`residual_reference`),
+    clipped at 0: a VQ-VAE errs most where anatomy varies (tissue borders, the cortex), and a raw
+    residual lights those places up in every scan, lesion or not. A normative map in the sense of
+    Marquand et al. 2016 (*Understanding heterogeneity in clinical cohorts using normative models*).
+    None (the default): when a reference is available (:func:`heal`: when ``residual_ref`` is given).
+    Measured on 48 lesion subjects, both halves: healed AUPRC and best Dice higher on both (README).
+    The plain reconstruction residual stays the ``recon_residual`` baseline either way; the normalized
+    one is ``normative_residual``."""
 
     threshold: float = 0.05
     resamples: int = 4
@@ -61,6 +70,7 @@ class HealOptions:
     smooth: float = 2.0
     zscore: float = 0.0
     calibrate: bool | None = None
+    normalize: bool | None = None
 
     def validate(self) -> HealOptions:
         if not 0 < self.threshold < 1:
@@ -142,21 +152,66 @@ def nll_reference(prior: Any, codes: torch.Tensor, batch_size: int = 16) -> tupl
     return nll.mean(0), nll.std(0).clamp_min(1e-3)
 
 
+def _abs_residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``|x - y|`` averaged over channels (dim 1): ``[B, 1, *spatial]`` for ``[B, C, *spatial]``."""
+    return (x.float() - y.float()).abs().mean(1, keepdim=True)
+
+
+#: the smallest per-voxel standard deviation a normalized residual divides by (scaled intensity):
+#: voxels where every healthy scan's residual is the same (the background) would otherwise explode
+MIN_RESIDUAL_STD = 0.01
+
+
+def residual_reference(vqvae: Any, volumes: Any, calibration: dict | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel mean and standard deviation ``[1, 1, *spatial]`` of the reconstruction residual
+    ``|x - D(E(x))|`` over healthy model-space batches ``volumes`` (an iterable of ``[B, C, *spatial]``,
+    all one grid; at least two volumes), decoded through ``calibration`` when given, for
+    ``HealOptions.normalize``."""
+    from mrivq.calibration import decode
+
+    total = total_sq = None
+    n = 0
+    with torch.no_grad():
+        for xb in volumes:
+            r = _abs_residual(xb, decode(vqvae, vqvae.encode_indices(xb), calibration)).double()
+            if total is not None and r.shape[2:] != total.shape[2:]:
+                raise MrivqError(f"healthy scans of different model grids ({tuple(total.shape[2:])} and "
+                                 f"{tuple(r.shape[2:])}): a normalized residual needs one grid")
+            total = r.sum(0, keepdim=True) + (0 if total is None else total)
+            total_sq = (r ** 2).sum(0, keepdim=True) + (0 if total_sq is None else total_sq)
+            n += r.shape[0]
+    if n < 2:
+        raise MrivqError(f"a residual reference needs at least 2 healthy scans, got {n}")
+    mean = total / n
+    std = ((total_sq - n * mean ** 2).clamp_min(0) / (n - 1)).sqrt()
+    return mean.float(), std.float().clamp_min(MIN_RESIDUAL_STD)
+
+
 def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any = None, *,
          cached: bool = True, batch_size: int | None = None, progress: Any = None,
          reference: tuple[torch.Tensor, torch.Tensor] | None = None,
-         calibration: dict | None = None) -> dict[str, torch.Tensor]:
+         calibration: dict | None = None,
+         residual_ref: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Heal a model-space batch ``x [B, C, *spatial]`` (a volume, or a 2D run's slices).
 
     Returns tensors on the model grid: ``anomaly``, ``recon_residual`` and ``nll`` (``[B, 1, *]``:
     the healed residual, the reconstruction residual and the upsampled NLL in nats, all zero outside
-    the head), ``healed`` (``[B, C, *]``, the mean healed reconstruction), ``resampled`` (``[B, *latent]``
-    bool) and ``head`` (``[B, 1, *]``, the foreground mask used). ``calibration``: the run's, applied
-    to every decoded volume when ``opts.calibrate`` (None: when there is one)."""
+    the head; with ``opts.normalize`` also ``normative_residual``, the reconstruction residual as a
+    z-score against ``residual_ref``), ``healed`` (``[B, C, *]``, the mean healed reconstruction),
+    ``resampled`` (``[B, *latent]`` bool) and ``head`` (``[B, 1, *]``, the foreground mask used).
+    ``calibration``: the run's, applied to every decoded volume when ``opts.calibrate`` (None: when there
+    is one); ``residual_ref``: the :func:`residual_reference` of healthy scans, needed by
+    ``opts.normalize`` (None: when it is given), with the same calibration."""
     from mrivq.calibration import decode
 
     opts = opts.validate().resolved(calibration)
+    if opts.normalize is None:
+        opts = replace(opts, normalize=residual_ref is not None)
     used = calibration if opts.calibrate else None
+    if opts.normalize and residual_ref is None:
+        raise MrivqError("a normalized residual needs the reconstruction residuals of healthy scans "
+                         "(heal.residual_reference)")
 
     with torch.no_grad():
         idx = vqvae.encode_indices(x)
@@ -186,10 +241,19 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
         weight = _upsample(resample[:, None].float(), size).clamp(0, 1)
         ref = xf if opts.against == "input" else recon
         residual = (ref[:, None] - dec).abs().mean(2).mean(1, keepdim=True)  # over channels, then resamples
+        plain = _abs_residual(xf, recon)
+        if opts.normalize:
+            mean, std = (t.to(plain.device) for t in residual_ref)
+            if mean.shape[2:] != plain.shape[2:]:
+                raise MrivqError(f"the healthy residual reference is on a {tuple(mean.shape[2:])} grid, this scan's "
+                                 f"model grid is {tuple(plain.shape[2:])}")
+            residual, normative = (((t - mean) / std).clamp_min(0) for t in (residual, plain))
+        extra = {"normative_residual": _smooth(normative, opts.smooth) * head} if opts.normalize else {}
         return {
+            **extra,
             "anomaly": _smooth(residual * weight, opts.smooth) * head,
             # the baselines get the same smoothing, so that a comparison measures the method
-            "recon_residual": _smooth((xf - recon).abs().mean(1, keepdim=True), opts.smooth) * head,
+            "recon_residual": _smooth(plain, opts.smooth) * head,
             "nll": _smooth(_upsample(nll[:, None], size), opts.smooth) * head,
             "healed": dec.mean(1),
             "resampled": resample,

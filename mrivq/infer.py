@@ -7,6 +7,8 @@ intensity scale (:func:`mrivq.data.restore`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import tempfile
@@ -302,20 +304,22 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     and ``resampled`` (the fraction of codes redrawn)."""
     from mrivq.heal import heal
 
-    opts = opts.resolved(r.calibration)  # before any reading: a one-line error if it cannot be honoured
+    opts = resolve_heal(r, opts)  # before any reading: a one-line error if it cannot be honoured
     x, ctx = _prepare(r, image, dev)
     cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
     res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress,
-               reference=run_nll_reference(r) if opts.zscore > 0 else None, calibration=r.calibration)
+               reference=run_nll_reference(r) if opts.zscore > 0 else None, calibration=r.calibration,
+               residual_ref=run_residual_reference(r, opts) if opts.normalize else None)
     out: dict[str, Any] = {}
-    for key in ("anomaly", "recon_residual", "nll"):
+    maps = [k for k in ("anomaly", "recon_residual", "normative_residual", "nll") if k in res]
+    for key in maps:
         out[key], affine = D.restore(_unbatch(res[key], ctx, r), ctx, intensity=False)
     out["healed"], _ = D.restore(_unbatch(res["healed"], ctx, r), ctx)
     head, _ = D.restore(_unbatch(res["head"], ctx, r), ctx, intensity=False)
     out["head"] = head > 0.5
     if brain is not None:
         inside = load_mask(brain, out["anomaly"].shape[:3]) if not isinstance(brain, np.ndarray) else brain
-        for key in ("anomaly", "recon_residual", "nll"):
+        for key in maps:
             out[key] = np.where(inside, out[key], 0).astype(np.float32)
     out.update(affine=affine, resampled=float(res["resampled"].float().mean()),
                covariates=cov_values or None)
@@ -340,6 +344,97 @@ def run_nll_reference(r: Run) -> tuple[torch.Tensor, torch.Tensor]:
         ref = nll_reference(r.prior, codes["train"].long().to(next(r.prior.parameters()).device))
         r._nll_reference = ref
     return ref
+
+
+#: healthy held-out scans the residual reference of ``--normalize`` is computed from (evenly spread),
+#: and the fewest: a run with fewer validation scans tops them up with training scans
+RESIDUAL_REFERENCE_SUBJECTS, RESIDUAL_REFERENCE_MIN = 32, 8
+#: where a run keeps its residual reference once computed (recomputed when the VQ-VAE changes)
+RESIDUAL_REFERENCE_FILE = "residual_reference.pt"
+
+
+def _residual_reference_file(r: Run) -> dict:
+    """The run folder's residual references (``calibrated`` / ``raw``: ``{"mean", "std"}``), or ``{}`` when the
+    file is absent, unreadable or belongs to another VQ-VAE (then computed again)."""
+    try:
+        ref = torch.load(r.path / RESIDUAL_REFERENCE_FILE, map_location="cpu", weights_only=True)
+    except Exception:  # absent, truncated or not a reference
+        return {}
+    return ref if isinstance(ref, dict) and ref.get("vqvae_sha256") == r.checkpoints.get("vqvae") else {}
+
+
+def _stored_residual_reference(r: Run, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    ref = _residual_reference_file(r).get(key)
+    ok = isinstance(ref, dict) and all(isinstance(ref.get(k), torch.Tensor) for k in ("mean", "std"))
+    return (ref["mean"], ref["std"]) if ok else None
+
+
+def _residual_key(opts: Any) -> str:
+    return "calibrated" if opts.calibrate else "raw"
+
+
+def residual_reference_available(r: Run, opts: Any) -> bool:
+    """Whether ``--normalize`` can be honoured for run ``r``: a 3D run whose folder holds the reference,
+    or whose dataset is there to compute it from."""
+    return r.preprocess.dims == 3 and (_stored_residual_reference(r, _residual_key(opts)) is not None
+                                       or (Path(r.info.get("data_dir", "")) / "manifest.csv").is_file())
+
+
+def resolve_heal(r: Run, opts: Any) -> Any:
+    """Healing options with the run-dependent defaults decided (and recorded as used): ``calibrate`` when
+    the run has a calibration, ``normalize`` when a residual reference is available; an explicit request
+    that cannot be honoured is a one-line error (here or in :func:`run_residual_reference`)."""
+    from dataclasses import replace
+
+    opts = opts.resolved(r.calibration)
+    return replace(opts, normalize=residual_reference_available(r, opts)) if opts.normalize is None else opts
+
+
+def run_residual_reference(r: Run, opts: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-voxel reconstruction residual of the run's validation scans (healthy, never trained
+    on; :func:`mrivq.heal.residual_reference`), with the calibration ``opts`` uses. Computed once per run
+    and VQ-VAE and kept in the run folder (``residual_reference.pt``), so that a run copied without its
+    dataset still normalizes. Validation scans rather than training ones: the VQ-VAE reconstructs what
+    it trained on better than a new scan, so a training reference would flag every new scan a little.
+    A run with fewer than ``RESIDUAL_REFERENCE_MIN`` validation scans adds training scans to reach it."""
+    from mrivq.atomic import atomic_write_bytes
+    from mrivq.heal import residual_reference
+    from mrivq.train import load_split
+
+    cache = r.__dict__.setdefault("_residual_reference", {})
+    key = _residual_key(opts)
+    if key in cache:
+        return cache[key]
+    if r.preprocess.dims != 3:
+        raise MrivqError(f"run {r.path.name} is 2D; --normalize needs a 3D run (a voxel's healthy residual is "
+                         "measured at its place in the volume)")
+    stored = _stored_residual_reference(r, key)
+    if stored is not None:
+        cache[key] = stored
+        return stored
+    data_dir = Path(r.info.get("data_dir", ""))
+    if not (data_dir / "manifest.csv").is_file():
+        raise MrivqError(f"--normalize needs the run's own dataset, which is not at {data_dir}; fetch it again "
+                         "there or heal with --no-normalize")
+    sp = load_split(r.config, data_dir, subjects=r.info.get("split"))
+
+    def spread(ds: Any, n: int) -> list:
+        idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int) if len(ds) else []
+        return [ds[int(i)]["image"] for i in sorted(set(idx))]
+
+    scans = spread(sp.val, RESIDUAL_REFERENCE_SUBJECTS)
+    scans += spread(sp.train, RESIDUAL_REFERENCE_MIN - len(scans)) if len(scans) < RESIDUAL_REFERENCE_MIN else []
+    dev = next(r.vqvae.parameters()).device
+    batches = (torch.as_tensor(s)[None].float().to(dev) for s in scans)
+    mean, std = residual_reference(r.vqvae, batches, r.calibration if opts.calibrate else None)
+    cache[key] = (mean.cpu(), std.cpu())
+    blob = {**_residual_reference_file(r), "vqvae_sha256": r.checkpoints.get("vqvae"),
+            key: {"mean": cache[key][0], "std": cache[key][1]}}
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    with contextlib.suppress(OSError):  # kept beside the checkpoints; a read-only run computes it again
+        atomic_write_bytes(r.path / RESIDUAL_REFERENCE_FILE, buf.getvalue())
+    return cache[key]
 
 
 def beside(output: Path, tag: str) -> Path:

@@ -232,3 +232,112 @@ def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp
     res = invoke("score", str(img), "-o", str(tmp_path / "bad.nii.gz"), "--run", str(trained_run), "--heal",
                  "--zscore", "-1")
     assert res.exit_code == 2 and "--zscore" in res.output
+
+
+class _Halving(__import__("torch").nn.Module):
+    """A stand-in VQ-VAE whose "codes" are the input and whose decoder halves them: its residual
+    ``|x - D(E(x))|`` is ``|x| / 2``, known by hand."""
+
+    def __init__(self) -> None:
+        import torch
+
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))  # a device to decode on
+
+    def encode_indices(self, x):  # noqa: ANN001, ANN201
+        return x
+
+    def decode_indices(self, i):  # noqa: ANN001, ANN201
+        return i * 0.5
+
+
+def test_residual_reference_is_the_per_voxel_mean_and_sd_of_healthy_residuals() -> None:
+    import torch
+
+    from mrivq.heal import MIN_RESIDUAL_STD, residual_reference
+
+    g = torch.Generator().manual_seed(0)
+    vols = torch.rand(5, 2, 4, 5, 6, generator=g)
+    vols[:, :, 0] = 0.3  # one plane the same in every scan: its SD is floored
+    mean, std = residual_reference(_Halving(), [vols[:2], vols[2:3], vols[3:]])  # batches of any size
+    r = (vols / 2).mean(1, keepdim=True)
+    assert mean.shape == std.shape == (1, 1, 4, 5, 6)
+    assert torch.allclose(mean[0], r.mean(0), atol=1e-6)
+    assert torch.allclose(std[0, :, 1:], r.std(0)[:, 1:].clamp_min(MIN_RESIDUAL_STD), atol=1e-6)
+    assert torch.all(std[0, 0, 0] == MIN_RESIDUAL_STD)
+    with pytest.raises(MrivqError, match="at least 2"):
+        residual_reference(_Halving(), [vols[:1]])
+    with pytest.raises(MrivqError, match="one grid"):
+        residual_reference(_Halving(), [vols[:2], torch.rand(1, 2, 4, 5, 7)])
+
+
+def test_normalized_healing_scores_residuals_against_healthy_scans(
+        trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    import shutil
+    from dataclasses import replace
+
+    import torch
+
+    from mrivq.heal import HealOptions, heal
+    from mrivq.infer import RESIDUAL_REFERENCE_FILE, _prepare, resolve_heal, run_residual_reference
+    from mrivq.runs import load_run
+
+    img, mask_path = _lesion_subject(lesion_root, "tumour")
+    plain = _heal(trained_run, img, tmp_path / "p.nii.gz", "--no-normalize")
+    norm = _heal(trained_run, img, tmp_path / "n.nii.gz", "--normalize")
+    mask = np.asarray(nib.load(mask_path).dataobj) > 0
+    assert norm.shape == plain.shape and not np.allclose(norm, plain) and norm.min() >= 0
+    assert norm[mask].mean() > norm[~mask].mean()
+    # the default: normalized, as the run's dataset is there
+    assert np.array_equal(_heal(trained_run, img, tmp_path / "d.nii.gz"), norm)
+    r = load_run(trained_run, need_prior=True)
+    assert resolve_heal(r, HealOptions()).normalize is True
+    assert resolve_heal(r, HealOptions(normalize=False)).normalize is False
+    # the reference: the run's validation scans, once per loaded run and calibration setting, kept in the run
+    opts = resolve_heal(r, HealOptions())
+    mean, std = run_residual_reference(r, opts)
+    assert run_residual_reference(r, opts)[0] is mean and (std > 0).all()
+    stored = torch.load(trained_run / RESIDUAL_REFERENCE_FILE, weights_only=True)
+    assert stored["vqvae_sha256"] == r.checkpoints["vqvae"] and torch.equal(stored["calibrated"]["mean"], mean)
+    # a copy of the run without its dataset: the stored reference still serves; without it the default is off
+    # and an explicit --normalize is a one-line error
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    info = json.loads((moved / "run.json").read_text())
+    (moved / "run.json").write_text(json.dumps({**info, "data_dir": str(tmp_path / "gone")}))
+    m = load_run(moved, need_prior=True)
+    assert torch.equal(run_residual_reference(m, resolve_heal(m, HealOptions()))[1], std)
+    (moved / RESIDUAL_REFERENCE_FILE).write_bytes(b"not a reference")
+    assert resolve_heal(load_run(moved, need_prior=True), HealOptions()).normalize is False
+    assert np.array_equal(_heal(moved, img, tmp_path / "m.nii.gz"), plain)
+    res = invoke("score", str(img), "-o", str(tmp_path / "x.nii.gz"), "--run", str(moved), "--heal", "--normalize")
+    assert res.exit_code == 2 and "--no-normalize" in res.output and "Traceback" not in res.output
+    # by hand: against mean 0 and SD 1 the normative residual is the raw one; against its own residual
+    # as the mean, 0; the plain baseline stays raw either way
+    x, _ = _prepare(r, img, torch.device("cpu"))
+    o = HealOptions(smooth=0, resamples=1, threshold=0.2)
+    raw = heal(r.vqvae, r.prior, x, o)
+    assert "normative_residual" not in raw
+    raw = raw["recon_residual"]
+    unit = heal(r.vqvae, r.prior, x, o, residual_ref=(torch.zeros_like(mean), torch.ones_like(std)))
+    assert torch.allclose(unit["normative_residual"], raw) and torch.equal(unit["recon_residual"], raw)
+    own = heal(r.vqvae, r.prior, x, replace(o, normalize=True), residual_ref=(raw, torch.ones_like(std)))
+    assert float(own["normative_residual"].max()) == 0
+    with pytest.raises(MrivqError, match="healthy scans"):
+        heal(r.vqvae, r.prior, torch.zeros(1, 1, *mean.shape[2:]), HealOptions(normalize=True))
+    with pytest.raises(MrivqError, match="grid"):
+        heal(r.vqvae, r.prior, torch.zeros(1, 1, *mean.shape[2:]), HealOptions(normalize=True),
+             residual_ref=(mean[..., :-1], std[..., :-1]))
+    # `eval --anomaly` records it and measures the normative residual beside the plain baseline
+    js = {}
+    for flag in ("--normalize", "--no-normalize"):
+        out = tmp_path / f"an{flag}.json"
+        res = invoke("eval", "--anomaly", "--run", str(trained_run), "--dataset", "phantom-lesions:all",
+                     "--root", str(lesion_root), flag, "--smooth", "0", "--threshold", "0.2",
+                     "--resamples", "1", "--device", "cpu", "--json", str(out))
+        assert res.exit_code == 0, res.output
+        js[flag] = json.loads(out.read_text())
+    assert js["--normalize"]["heal"]["normalize"] is True and js["--no-normalize"]["heal"]["normalize"] is False
+    assert set(js["--normalize"]["methods"]) == {"healed", "residual", "nll", "normative"}
+    assert "normative" not in js["--no-normalize"]["methods"]
+    assert js["--normalize"]["methods"]["residual"] == js["--no-normalize"]["methods"]["residual"]

@@ -6,7 +6,9 @@ measured against its mask, in the input's own geometry, in the same pass:
 
 - ``healed``: the healed residual (Pinaya et al. 2022), the method;
 - ``residual``: the VQ-VAE's reconstruction residual ``|x - D(E(x))|`` alone (the classic baseline);
-- ``nll``: the prior's per-code NLL, upsampled.
+- ``nll``: the prior's per-code NLL, upsampled;
+- ``normative`` (with ``normalize``, the default where possible): the reconstruction residual as a
+  per-voxel z-score against healthy scans' (:func:`mrivq.heal.residual_reference`).
 
 Metrics (:mod:`mrivq.evaluate.anomaly`) are voxel-wise within the brain (the phantom's tissue labels
 when the dataset has them, else the head mask), pooled over subjects, per subject, per lesion kind and
@@ -27,8 +29,8 @@ import numpy as np
 from mrivq.errors import MrivqError
 from mrivq.evaluate.anomaly import anomaly_metrics
 
-METHODS = ("healed", "residual", "nll")
-_MAP_KEY = {"healed": "anomaly", "residual": "recon_residual", "nll": "nll"}
+METHODS = ("healed", "residual", "nll", "normative")
+_MAP_KEY = {"healed": "anomaly", "residual": "recon_residual", "nll": "nll", "normative": "normative_residual"}
 #: lesion size bins by diameter (mm): the issue's "1 cm and more" is the last two
 SIZE_BINS = ((0, 5, "<5 mm"), (5, 10, "5-10 mm"), (10, 20, "10-20 mm"), (20, math.inf, ">=20 mm"))
 _BRAIN_TISSUES = ("csf", "grey_matter", "white_matter", "ventricles")
@@ -117,7 +119,7 @@ def _analyse(r: Any, dev: Any, ddir: Path, items: list[dict], opts: Any, lesions
     from mrivq.lesions import KINDS
     from mrivq.progress import silent
 
-    maps: dict[str, list] = {m: [] for m in METHODS}
+    maps: dict[str, list] = {m: [] for m in methods_of(opts)}
     truths, regions, info = [], [], []
     with (progress or silent()).task(f"heal {what}", total=len(items), unit="subject") as bar:
         for it in items:
@@ -125,7 +127,7 @@ def _analyse(r: Any, dev: Any, ddir: Path, items: list[dict], opts: Any, lesions
             res = heal_image(r, dev, srcs if len(srcs) > 1 else srcs[0], opts)
             shape = res["anomaly"].shape[:3]
             mask, region = truth_and_region(ddir, it, res["head"].reshape(shape), brain_values)
-            for m in METHODS:
+            for m in maps:
                 maps[m].append(res[_MAP_KEY[m]].reshape(shape))
             truths.append(mask > 0)
             regions.append(region)
@@ -142,6 +144,11 @@ def _analyse(r: Any, dev: Any, ddir: Path, items: list[dict], opts: Any, lesions
                 _picture(pictures / f"{it['subject']}.png", img, mask > 0, maps["healed"][-1])
             bar.advance(1)
     return {"maps": maps, "truths": truths, "regions": regions, "info": info}
+
+
+def methods_of(opts: Any) -> tuple[str, ...]:
+    """The maps measured with resolved healing options ``opts`` (``normative`` only when normalizing)."""
+    return METHODS if opts.normalize else METHODS[:3]
 
 
 def calibrated_threshold(maps: list, truths: list, regions: list) -> float | None:
@@ -166,7 +173,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     ``kinds`` and ``sizes``, and the top level repeats the healed method's pooled figures."""
     from mrivq.atomic import atomic_write_bytes
     from mrivq.heal import HealOptions
-    from mrivq.infer import _load
+    from mrivq.infer import _load, resolve_heal
     from mrivq.paths import resolve_root
 
     opts = (opts or HealOptions()).validate()
@@ -183,7 +190,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     r, dev = _load(run, device, need_prior=True)
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --anomaly measures 3D runs")
-    opts = opts.resolved(r.calibration)  # recorded as used
+    opts = resolve_heal(r, opts)  # recorded as used
     out = Path(json_out) if json_out else r.path / f"anomaly_{name}_{split}.json"
     pictures = out.with_name(out.name.removesuffix(".json") + "_pictures")
     if json_out and not overwrite and out.exists():
@@ -197,15 +204,16 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     lesions, brain_values = subject_lesions(ddir), brain_values_of(ddir)
     pictures.mkdir(exist_ok=True)
     a = _analyse(r, dev, ddir, measured, opts, lesions, brain_values, progress, pictures, split)
-    thresholds: dict[str, float | None] = {m: None for m in METHODS}
+    methods = methods_of(opts)
+    thresholds: dict[str, float | None] = {m: None for m in methods}
     if calib:
         c = _analyse(r, dev, ddir, calib, opts, lesions, brain_values, progress, None, "calibration")
-        for m in METHODS:
+        for m in methods:
             thresholds[m] = calibrated_threshold(c["maps"][m], c["truths"], c["regions"])
     names = [i["subject"] for i in a["info"]]
     result: dict[str, Any] = {"dataset": name, "split": split, "run": str(r.path), "heal": opts.to_dict(),
                               "n_subjects": len(measured), "n_calibration": len(calib), "methods": {}}
-    for m in METHODS:
+    for m in methods:
         full = anomaly_metrics(a["maps"][m], a["truths"], a["regions"], threshold=thresholds[m], names=names)
         for n, i in zip(names, a["info"], strict=True):
             full["subjects"][n].update({k: i[k] for k in ("kind", "diameter_mm", "size", "resampled")})
