@@ -75,15 +75,17 @@ class QuantileSketch:
 def fit_quantile_map(decoded: QuantileSketch, target: QuantileSketch, vqvae_sha256: str,
                      levels: int = LEVELS) -> dict:
     """The map sending each quantile of ``decoded`` to the same quantile of ``target``, as a JSON-able
-    dict. Where several levels share one decoded value (its mass at 0, say), that value goes to the
-    mean of their targets, so the map is a function."""
+    dict. Where several levels share one decoded value (a point mass, such as the decoder's zeros in
+    the background and padding), that value goes to the target quantile at the *lowest* of those levels:
+    the map stays a function, and a mass at 0 stays at 0 where the scans are 0 (the mean of the targets
+    would lift the whole background by a constant the scans never have)."""
     q = np.linspace(0.0, 1.0, levels)
     src, dst = decoded.quantiles(q), target.quantiles(q)
     source, mapped = [], []
     for s, d in zip(src, dst, strict=True):
-        u, inv = np.unique(np.round(s, 7), return_inverse=True)
+        u, first = np.unique(np.round(s, 7), return_index=True)  # s rises with the level: first = lowest level
         source.append(u.tolist())
-        mapped.append((np.bincount(inv, weights=d) / np.bincount(inv)).tolist())
+        mapped.append(d[first].tolist())
     return {"kind": "quantile", "vqvae_sha256": vqvae_sha256, "subjects": int(target.items),
             "source": source, "target": mapped}
 
