@@ -72,18 +72,12 @@ def evaluate(run: Path, folder: Path, root: Path | None, dataset: str) -> dict:
     return {k: res.get(k) for k in KEEP}
 
 
-def write_volumes(r, vols: np.ndarray, out: Path, calibration: str | None = None) -> None:
-    """[N, 1, *grid] in [0, 1] -> NIfTI files with the run's synth geometry; ``calibration`` (as synth's
-    sidecars say it) goes in a sidecar per file, for eval to compare them in the same space."""
-    from mrivq import data as D
-    from mrivq.io import save_nifti
+def write_volumes(r, vols: np.ndarray, out: Path, calibration: str = "none") -> None:
+    """[N, 1, *grid] in [0, 1] -> NIfTI files as synth writes them, with a sidecar saying ``calibration``
+    (as synth's sidecars say it), so that eval reads them back exactly and compares them in the same space."""
+    from mrivq.evaluate.volumes import write_as_samples
 
-    out.mkdir(parents=True, exist_ok=True)
-    for i, v in enumerate(vols):
-        save_nifti(D.to_intensity(v, r.info["intensity"])[0], D.synth_geometry(r.preprocess, v.shape[1:]),
-                   out / f"synth_{i:04d}.nii.gz")
-        if calibration is not None:
-            (out / f"synth_{i:04d}.json").write_text(json.dumps({"calibration": calibration}))
+    write_as_samples(vols, r, out, "synth", calibration)
 
 
 def recon_row(run: Path, count: int, out: Path, which: str = "best", calibrate: bool = True) -> None:

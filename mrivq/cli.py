@@ -256,8 +256,31 @@ def _train(req, stage: str, run: Path | None, out_dir: Path | None, resume: bool
 
 # ---------------------------------------------------------------- using a trained model
 
+_HEAL_PARAMS = ("threshold", "resamples", "zscore", "smooth", "calibrate", "normalize")
+#: the options each mode of `eval` takes besides --run and --device; any other given is refused
+_EVAL_OPTIONS = {
+    None: ("split",),
+    "--samples": ("samples", "real", "train_set", "features", "json_out", "root", "overwrite", "controls"),
+    "--anomaly": ("anomaly", "dataset", "json_out", "root", "overwrite", "allow_overlap", *_HEAL_PARAMS),
+}
+
+
+def _refuse_options(ctx: typer.Context, allowed: tuple[str, ...], what: str) -> None:
+    """A one-line error for the first option given on the command line that ``what`` does not use
+    (silently ignoring it would let a user believe it applied)."""
+    for p in ctx.command.params:
+        if p.name in (*allowed, "run", "device") or not p.opts:
+            continue
+        source = ctx.get_parameter_source(p.name)
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])
+            flag += "".join(f"/{o}" for o in getattr(p, "secondary_opts", [])[:1])  # --calibrate/--no-calibrate
+            raise MrivqError(f"{flag} does not apply to {what}; leave it out (see `mrivq eval --help`)")
+
+
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     run: Path | None = RunOpt,
     split: str = typer.Option("val", "--split", help="Reconstruction: val or train."),
     samples: Path | None = typer.Option(None, "--samples", help="Realism: a folder of samples from `mrivq synth`."),
@@ -281,24 +304,27 @@ def eval_(
     normalize: bool | None = HealNormalizeOpt,
     root: Path | None = RootOpt,
     overwrite: bool = typer.Option(False, "--overwrite", help="Realism/anomaly: replace an existing --json file."),
+    controls: bool = typer.Option(True, "--controls/--no-controls", help="Realism: measure the control rows (real "
+                                  "scans through the samples' path, reconstructions, the mean volume repeated)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Anomaly: measure subjects whose id or "
+                                       "healthy anatomy is in the run's training or validation split."),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Reconstruction metrics on a split (eval_<split>.json); with --samples how real the samples are;
     with --anomaly how well healing finds lesions."""
     if samples is not None and anomaly:
         raise MrivqError("--samples and --anomaly are separate evaluations; pass one")
+    mode = "--samples" if samples is not None else "--anomaly" if anomaly else None
+    _refuse_options(ctx, _EVAL_OPTIONS[mode], f"eval {mode}" if mode else "eval (reconstruction)")
     if samples is not None:
-        return _eval_realism(run, samples, real, train_set, features, json_out, root, device, overwrite)
+        return _eval_realism(run, samples, real, train_set, features, json_out, root, device, overwrite, controls)
     if anomaly:
         from mrivq.heal import HealOptions
 
         return _eval_anomaly(run, dataset or "phantom-lesions:val", HealOptions(
             threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth, calibrate=calibrate,
             normalize=normalize).validate(),
-            json_out, root,
-            device, overwrite)
-    if dataset is not None:
-        raise MrivqError("--dataset goes with --anomaly")
+            json_out, root, device, overwrite, allow_overlap)
     from mrivq.infer import evaluate
 
     res = evaluate(run, split=split, device=device)
@@ -323,8 +349,9 @@ def eval_(
 
 # metric key, what it means, the reference key shown beside it and what that reference is
 _REALISM_ROWS = [
-    ("c2st_accuracy", "two-sample classifier; 0.5 = indistinguishable", None, ""),
-    ("mmd", "MMD², Gaussian kernel", "mmd_floor", "real halves"),
+    ("c2st_accuracy", "C2ST, anatomy (block means); 0.5 = indistinguishable", "c2st_null_q95", "null 95%"),
+    ("c2st_texture_accuracy", "C2ST, texture (random 3D convolutions)", "c2st_texture_null_q95", "null 95%"),
+    ("mmd", "MMD², multi-bandwidth Gaussian kernel", "mmd_floor", "null 95%"),
     ("mmd_linear_monai", "MONAI MMDMetric (linear)", "mmd_linear_monai_floor", "real halves"),
     ("ms_ssim_synth", "pairwise MS-SSIM; lower = more varied", "ms_ssim_real", "real"),
     ("memorization", "NN distance to train / real's; 0 = copies", None, ""),
@@ -334,15 +361,20 @@ _REALISM_ROWS = [
     ("tissue_z", "largest |mean tissue fraction - real| / real SD", None, ""),
     ("fid", "FID", None, ""),
 ]
+#: the control rows' column titles
+_CONTROLS = {"real_as_samples": "real", "reconstructions": "recon", "mean_volume": "mean"}
+#: the checks shown in the goals line, by the metric key they judge
+_CHECK_OF = {"c2st_accuracy": "c2st", "c2st_texture_accuracy": "c2st_texture", "mmd": "mmd",
+             "ms_ssim_synth": "diversity", "mask_dice_synth": "head_shape", "tissue_in_range": "tissue"}
 
 
 def _eval_anomaly(run: Path | None, dataset: str, opts, json_out: Path | None, root: Path | None,  # noqa: ANN001
-                  device: str, overwrite: bool) -> None:
+                  device: str, overwrite: bool, allow_overlap: bool) -> None:
     from mrivq.evaluate.detect import METHODS, evaluate_anomaly
 
     with Progress() as prog:
         res = evaluate_anomaly(run, dataset, root=root, opts=opts, json_out=json_out, device=device,
-                               progress=prog, overwrite=overwrite)
+                               progress=prog, overwrite=overwrite, allow_overlap=allow_overlap)
     m = res["metrics"]
 
     def num(v: float | None) -> str:
@@ -369,22 +401,36 @@ def _eval_anomaly(run: Path | None, dataset: str, opts, json_out: Path | None, r
 
 def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
                   features: str | None, json_out: Path | None, root: Path | None, device: str,
-                  overwrite: bool) -> None:
+                  overwrite: bool, controls: bool) -> None:
     from mrivq.evaluate import evaluate_realism
 
     with Progress() as prog:
         res = evaluate_realism(run, samples, real, train_set, features=features, json_out=json_out, root=root,
-                               progress=prog, device=device, overwrite=overwrite)
+                               progress=prog, device=device, overwrite=overwrite, controls=controls)
     m = res["metrics"]
-    t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})")
-    for c in ("metric", "synthetic", "reference", "meaning"):
-        t.add_column(c)
-    for key, meaning, ref, ref_name in _REALISM_ROWS:
+    ctrl = m.get("controls") or {}
+    t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})",
+              caption="goal: the samples' check (see `Measuring realism` in the README). Controls, measured "
+                      "the same way: real = real scans written and read as samples are; recon = their "
+                      "reconstructions; mean = their mean volume repeated")
+    t.add_column("metric", no_wrap=True)
+    for c in ("samples", "goal", *(_CONTROLS[k] for k in ctrl), "reference"):
+        t.add_column(c, no_wrap=c != "reference")
+
+    def fmt(row: dict, key: str) -> str:
+        v = row.get(key)
+        return "" if v is None else f"{v:.4g}"
+
+    for key, _meaning, ref, ref_name in _REALISM_ROWS:
         if m.get(key) is None:
             continue
         r = f"{m[ref]:.4g} ({ref_name})" if ref and m.get(ref) is not None else ""
-        t.add_row(key, f"{m[key]:.4g}", r, meaning)
+        chk = (m.get("checks") or {}).get(_CHECK_OF.get(key, ""))
+        goal = "" if chk is None else ("pass" if chk["pass"] else "fail")
+        t.add_row(key, fmt(m, key), goal, *(fmt(c, key) for c in ctrl.values()), r)
     out.print(t)
+    if m.get("controls_note"):
+        err.print(f"[yellow]note:[/] {m['controls_note']}")
     if m.get("fid_features"):
         out.print(f"FID features: {m['fid_features']}")
     out.print(f"wrote {res['json']}\npicture: {res['picture']}")

@@ -89,6 +89,16 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process). A collective: every
+    rank must call it (each rank's RNG state for a checkpoint)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (a signal, a non-finite loss)."""
     if not active():

@@ -327,8 +327,11 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
 
 
 def run_nll_reference(r: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """The NLL per position of the run's healthy training codes (:func:`mrivq.heal.nll_reference`),
-    computed once per loaded run."""
+    """The NLL per position of the run's healthy validation codes (:func:`mrivq.heal.nll_reference`),
+    computed once per loaded run. Validation codes, not training ones: the prior has fitted the training
+    codes' NLL more closely than a new scan's, so a training reference would flag every new scan a
+    little; a run with fewer than ``RESIDUAL_REFERENCE_MIN`` validation codes is topped up with training
+    codes."""
     from mrivq.heal import nll_reference
     from mrivq.runs import codes_path, load_codes
 
@@ -341,7 +344,11 @@ def run_nll_reference(r: Run) -> tuple[torch.Tensor, torch.Tensor]:
         if codes is None or codes.get("vqvae_sha256") not in (None, r.checkpoints["vqvae"]):
             raise MrivqError(f"run {r.path.name} has no usable codes/codes.pt for --zscore; run `mrivq train "
                              f"--stage prior --run {r.path}` or use --threshold")
-        ref = nll_reference(r.prior, codes["train"].long().to(next(r.prior.parameters()).device))
+        healthy = codes.get("val")
+        healthy = healthy if healthy is not None else codes["train"][:0]
+        if len(healthy) < RESIDUAL_REFERENCE_MIN:
+            healthy = torch.cat([healthy, codes["train"][:RESIDUAL_REFERENCE_MIN - len(healthy)]])
+        ref = nll_reference(r.prior, healthy.long().to(next(r.prior.parameters()).device))
         r._nll_reference = ref
     return ref
 

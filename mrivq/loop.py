@@ -111,6 +111,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def own_rng_state(ck: dict) -> dict:
+    """This rank's RNG state in checkpoint ``ck``: its own when the checkpoint was written by as many
+    ranks as run now (``rng_ranks``), else rank 0's (a checkpoint of one process, or another world size)."""
+    ranks = ck.get("rng_ranks")
+    if isinstance(ranks, list) and len(ranks) == ddp.world():
+        return ranks[ddp.rank()]
+    return ck["rng"]
+
+
 @contextmanager
 def catch_signals() -> Any:
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
@@ -255,14 +264,15 @@ def run_loop(
                              "ask for at least that many steps (or leave --max-steps/--epochs out)")
         if restore_state:  # the counterpart of extra_state (e.g. a discriminator)
             restore_state(ck)
-        set_rng_state(ck["rng"])
+        set_rng_state(own_rng_state(ck))
 
     def checkpoint(path: Path) -> None:
+        rngs = ddp.gather(rng_state())  # every rank's own generators (dropout, CUDA), not rank 0's for all
         if not main:
             return
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                 "best": best, "last_val": last_val, "rng": rng_state(), "stage": lc.stage}
+                 "best": best, "last_val": last_val, "rng": rngs[0], "rng_ranks": rngs, "stage": lc.stage}
         if extra_state:
             state.update(extra_state())
         save_checkpoint(path, state)

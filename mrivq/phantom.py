@@ -86,9 +86,10 @@ class _Anatomy:
 # Validation and small public helpers
 
 
-def subject_id(index: int) -> str:
-    """Folder/file stem of subject ``index``: ``sub-0000``, ``sub-0001``, ..."""
-    return f"sub-{int(index):04d}"
+def subject_id(index: int, cohort: int = 0) -> str:
+    """Folder/file stem of subject ``index``: ``sub-0000``, ``sub-0001``, ...; lesion phantoms
+    (:data:`LESION_COHORT`) ``sub-les0000``, ..., so their ids never meet a healthy phantom's."""
+    return f"sub-{int(index):04d}" if cohort == 0 else f"sub-les{int(index):04d}"
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -140,8 +141,19 @@ def _affine(shape: Sequence[int], spacing: float) -> np.ndarray:
 # Per-subject parameters
 
 
-def _draw_anatomy(seed: int, index: int) -> _Anatomy:
-    rng = np.random.default_rng([seed, index])
+#: the random stream of lesion phantoms' healthy anatomy: a cohort of its own, so that no lesion subject
+#: is, outside its lesion, a healthy phantom subject of any seed (a model trained on the healthy phantom
+#: would otherwise be tested on its own training subjects)
+LESION_COHORT = 1
+
+
+def _entropy(seed: int, index: int, cohort: int, *stream: int) -> list[int]:
+    """The seed sequence of one subject's draws: cohort 0 keeps the healthy phantom's ``[seed, index, ...]``."""
+    return [seed, index, *stream] if cohort == 0 else [seed, index, *stream, 0, cohort]
+
+
+def _draw_anatomy(seed: int, index: int, cohort: int = 0) -> _Anatomy:
+    rng = np.random.default_rng(_entropy(seed, index, cohort))
     # Always the same draws in the same order: the anatomy never depends on shape or spacing.
     sex = "F" if rng.random() < 0.5 else "M"
     age = round(float(rng.uniform(20.0, 85.0)), 1)
@@ -187,10 +199,10 @@ def _draw_anatomy(seed: int, index: int) -> _Anatomy:
     )
 
 
-def subject_covariates(index: int, *, seed: int = 0) -> dict[str, Any]:
+def subject_covariates(index: int, *, seed: int = 0, cohort: int = 0) -> dict[str, Any]:
     """Deterministic ``{"sex": "F"|"M", "age": years}`` of a phantom subject (they shape its anatomy:
     male heads are slightly larger; older subjects have larger ventricles, more CSF, thinner cortex)."""
-    a = _draw_anatomy(_check_int("seed", seed, 0), _check_int("index", index, 0))
+    a = _draw_anatomy(_check_int("seed", seed, 0), _check_int("index", index, 0), cohort)
     return {"sex": a.sex, "age": a.age}
 
 
@@ -484,10 +496,10 @@ def _bias(rng: np.random.Generator, shape, spacing) -> np.ndarray:
 
 
 def _synthesise(mod: str, seed: int, index: int, spacing: float, labels, fat, marrow, deep_gm,
-                texture) -> np.ndarray:
+                texture, cohort: int = 0) -> np.ndarray:
     from scipy.ndimage import gaussian_filter
 
-    rng = np.random.default_rng([seed, index, _MOD_STREAM[mod]])
+    rng = np.random.default_rng(_entropy(seed, index, cohort, _MOD_STREAM[mod]))
     tv = {k: v * float(rng.uniform(0.97, 1.03)) for k, v in _TISSUE[mod].items()}
     lut = np.zeros(7, dtype=np.float32)
     lut[3], lut[4], lut[5], lut[6] = tv["csf"], tv["gm"], tv["wm"], tv["csf"]
@@ -511,23 +523,25 @@ def _synthesise(mod: str, seed: int, index: int, spacing: float, labels, fat, ma
 
 
 def generate_subject(index: int, *, seed: int = 0, shape=(64, 64, 64), spacing: float = 3.0,
-                     modalities=("t1", "t2", "pd")) -> dict:
+                     modalities=("t1", "t2", "pd"), cohort: int = 0) -> dict:
     """One phantom subject: ``{"labels": uint8, <mod>: float32 ..., "affine": 4x4 float64}``.
 
     Arrays are indexed (x, y, z) = (R, A, S); the affine has ``spacing`` on the diagonal and puts the
-    volume's centre at 0 mm. The subject's sex and age come from :func:`subject_covariates`.
+    volume's centre at 0 mm. The subject's sex and age come from :func:`subject_covariates`. ``cohort``
+    picks an independent stream of subjects (0: the healthy phantom; :data:`LESION_COHORT`: lesion
+    phantoms), so two cohorts never share a subject whatever their seeds.
     """
     index = _check_int("index", index, 0)
     seed = _check_int("seed", seed, 0)
     shape = _check_shape(shape)
     spacing = _check_spacing(spacing)
     mods = _check_modalities(modalities)
-    anat = _draw_anatomy(seed, index)
+    anat = _draw_anatomy(seed, index, cohort)
     labels, fat, marrow, deep_gm = _labels(anat, shape, spacing)
     out: dict[str, Any] = {"labels": labels}
     texture = _texture(anat, shape, spacing)
     for mod in mods:
-        out[mod] = _synthesise(mod, seed, index, spacing, labels, fat, marrow, deep_gm, texture)
+        out[mod] = _synthesise(mod, seed, index, spacing, labels, fat, marrow, deep_gm, texture, cohort)
     out["affine"] = _affine(shape, spacing)
     return out
 
@@ -553,7 +567,7 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, is_label: b
 
 def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing: float = 3.0,
                   seed: int = 0, modalities=("t1", "t2", "pd"), lesions: bool = False,
-                  progress: Progress | None = None) -> list[dict]:
+                  progress: Progress | None = None, cohort: int | None = None) -> list[dict]:
     """Write ``count`` phantom subjects under ``out_dir`` and return their manifest rows.
 
     Files: ``sub-XXXX/sub-XXXX_<mod>.nii.gz`` (float32) and ``sub-XXXX/sub-XXXX_labels.nii.gz``
@@ -568,7 +582,9 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
     With ``lesions``, every subject gets one lesion (:mod:`mrivq.lesions`: tumour, white-matter
     hyperintensities and artefact in turn) in all its modalities, its ground truth in
     ``sub-XXXX/sub-XXXX_mask.nii.gz`` (uint8, the kind's value) and the manifest's ``mask`` column, and
-    what was inserted under the subject in ``phantom.json``.
+    what was inserted under the subject in ``phantom.json``. ``cohort`` (default: :data:`LESION_COHORT`
+    with ``lesions``, else 0) picks the stream of subjects (:func:`generate_subject`); the lesion cohort
+    without ``lesions`` gives the lesion subjects' healthy twins.
     """
     out_dir = Path(out_dir)
     count = _check_int("count", count, 1)
@@ -581,16 +597,18 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
     rows: list[dict] = []
     subjects: list[dict] = []
     bar = progress.task("phantom subjects", total=count, unit="subject") if progress is not None else nullcontext()
+    cohort = (LESION_COHORT if lesions else 0) if cohort is None else _check_int("cohort", cohort, 0)
     with bar as task:
         for index in range(count):
-            sub = generate_subject(index, seed=seed, shape=shape, spacing=spacing, modalities=mods)
-            cov = subject_covariates(index, seed=seed)
-            sid = subject_id(index)
+            sub = generate_subject(index, seed=seed, shape=shape, spacing=spacing, modalities=mods, cohort=cohort)
+            cov = subject_covariates(index, seed=seed, cohort=cohort)
+            sid = subject_id(index, cohort)
             (out_dir / sid).mkdir(exist_ok=True)
             extra: dict[str, Any] = {}
             if lesions:
+                rng = np.random.default_rng(_entropy(seed, index, cohort, 7))
                 vols, mask, lesion = insert_lesion({m: sub[m] for m in mods}, sub["labels"], spacing,
-                                                   lesion_kind_for(index), np.random.default_rng([seed, index, 7]))
+                                                   lesion_kind_for(index), rng)
                 sub.update(vols)
                 mask_rel = f"{sid}/{sid}_mask.nii.gz"
                 _save_nifti(out_dir / mask_rel, mask, affine, is_label=True)
@@ -615,6 +633,7 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
         "shape": list(shape),
         "spacing": spacing,
         "seed": seed,
+        "cohort": cohort,
         "modalities": list(mods),
         "lesions": bool(lesions),
         "labels": {str(k): v for k, v in LABELS.items()},

@@ -220,6 +220,8 @@ def train_run(
     for option, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--prior-max-steps", prior_max_steps)):
         if value is not None and value < 1:
             raise MrivqError(f"{option} {value} must be at least 1")
+    if max_steps is not None and epochs is not None:
+        raise MrivqError("--max-steps and --epochs both set stage 1's length; pass one of them")
     if (resume or stage == "prior") and not ddp.broadcast(is_run(run_dir)):
         raise RunError(f"{run_dir} is not an mrivq run (no run.json); pass a folder made by `mrivq train`")
     with run_lock(run_dir):

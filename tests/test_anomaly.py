@@ -64,10 +64,11 @@ def _lesion_subject(root: Path, kind: str) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def twin_root(lesion_root: Path) -> Path:
-    """The lesion phantoms' healthy twins: the same seed without lesions."""
-    res = invoke("fetch", "phantom", "--name", "phantom-s5", "--root", str(lesion_root), "--count", "6",
-                 "--shape", "32", "32", "32", "--spacing", "6", "--seed", "5")
-    assert res.exit_code == 0, res.output
+    """The lesion phantoms' healthy twins: the same seed and cohort without lesions."""
+    from mrivq.phantom import LESION_COHORT, write_dataset
+
+    write_dataset(lesion_root / "phantom-s5", count=6, shape=(32, 32, 32), spacing=6.0, seed=5,
+                  modalities=("t1",), cohort=LESION_COHORT)
     return lesion_root
 
 
@@ -82,11 +83,20 @@ def _heal(run: Path, img: Path, out: Path, *extra: str) -> np.ndarray:
 
 def test_heal_finds_an_inserted_lesion_and_leaves_a_healthy_scan_nearly_unchanged(
         trained_run: Path, twin_root: Path, tmp_path: Path) -> None:  # noqa: F811
-    img, mask_path = _lesion_subject(twin_root, "tumour")
-    twin = twin_root / "phantom-s5" / img.parent.name / img.name
-    mask = np.asarray(nib.load(mask_path).dataobj) > 0
-    sick = _heal(trained_run, img, tmp_path / "sick.nii.gz")
-    healthy = _heal(trained_run, twin, tmp_path / "healthy.nii.gz")
+    _, ref_mask = _lesion_subject(twin_root, "tumour")
+    twin = twin_root / "phantom-s5" / ref_mask.parent.name / ref_mask.name.replace("_mask", "_t1")
+    # a bright mass in the middle of the healthy twin's brain: far outside what an 8-step model has seen,
+    # so the test does not depend on where a phantom's own lesion happens to fall
+    t = nib.load(twin)
+    x0 = np.asarray(t.dataobj, np.float32)
+    g = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in x0.shape], indexing="ij"))
+    mask = (g ** 2).sum(0) <= 3.5 ** 2
+    img, mask_path = tmp_path / "sick_t1.nii.gz", tmp_path / "sick_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(mask, 2.5 * np.percentile(x0, 99), x0).astype(np.float32), t.affine), img)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), t.affine), mask_path)
+    # raw residuals: an 8-step model's healthy reference is too rough to normalize by
+    sick = _heal(trained_run, img, tmp_path / "sick.nii.gz", "--no-normalize")
+    healthy = _heal(trained_run, twin, tmp_path / "healthy.nii.gz", "--no-normalize")
     for name in ("sick_healed.nii.gz", "sick_nll.nii.gz"):
         f = nib.load(tmp_path / name)
         assert f.shape == nib.load(img).shape and np.allclose(f.affine, nib.load(img).affine)
@@ -103,13 +113,13 @@ def test_heal_finds_an_inserted_lesion_and_leaves_a_healthy_scan_nearly_unchange
     rec = np.asarray(nib.load(recon).dataobj, np.float32)
     assert np.abs(healed - x).mean() < 1.25 * np.abs(rec - x).mean()
     # same seed, same map; a brain mask zeroes the map outside it
-    again = _heal(trained_run, img, tmp_path / "again.nii.gz")
+    again = _heal(trained_run, img, tmp_path / "again.nii.gz", "--no-normalize")
     assert np.array_equal(again, sick)
     brain = tmp_path / "brain.nii.gz"
     half = np.zeros(mask.shape, np.uint8)
     half[:16] = 1
     nib.save(nib.Nifti1Image(half, nib.load(img).affine), brain)
-    masked = _heal(trained_run, img, tmp_path / "masked.nii.gz", "--brain-mask", str(brain))
+    masked = _heal(trained_run, img, tmp_path / "masked.nii.gz", "--brain-mask", str(brain), "--no-normalize")
     assert (masked[16:] == 0).all() and np.allclose(masked[:16], sick[:16])
 
 
@@ -341,3 +351,57 @@ def test_normalized_healing_scores_residuals_against_healthy_scans(
     assert set(js["--normalize"]["methods"]) == {"healed", "residual", "nll", "normative"}
     assert "normative" not in js["--no-normalize"]["methods"]
     assert js["--normalize"]["methods"]["residual"] == js["--no-normalize"]["methods"]["residual"]
+
+
+def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_root: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """Lesion phantoms are a cohort of their own (ids ``sub-les*``, anatomy from another stream, for any
+    seed); `eval --anomaly` refuses subjects that are, by id or healthy anatomy, in the run's split (a
+    lesion dataset made as it used to be: the healthy phantom's seed and stream) unless --allow-overlap."""
+    import shutil
+
+    from mrivq.evaluate.detect import overlapping_subjects
+    from mrivq.phantom import LESION_COHORT, generate_subject
+    from mrivq.runs import load_run
+
+    ddir = lesion_root / "phantom-lesions"
+    meta = json.loads((ddir / "phantom.json").read_text())
+    assert meta["cohort"] == LESION_COHORT and all(s["subject"].startswith("sub-les") for s in meta["subjects"])
+    healthy = generate_subject(0, seed=0, shape=(16, 16, 16), spacing=12.0, modalities=("t1",))["t1"]
+    for seed in (0, 5):
+        les = generate_subject(0, seed=seed, shape=(16, 16, 16), spacing=12.0, modalities=("t1",), cohort=1)["t1"]
+        assert not np.allclose(les, healthy)
+    r = load_run(trained_run, need_prior=True)
+    assert overlapping_subjects(r, ddir, [s["subject"] for s in meta["subjects"]]) == []
+    assert overlapping_subjects(r, ddir, ["sub-0000"]) == ["sub-0000"]  # an id of the run's split
+    old = lesion_root / "phantom-lesions-old"
+    shutil.copytree(ddir, old)
+    (old / "phantom.json").write_text(json.dumps({**meta, "seed": 0, "cohort": 0}))
+    args = ["eval", "--anomaly", "--run", str(trained_run), "--root", str(lesion_root), "--device", "cpu",
+            "--dataset", "phantom-lesions-old:all", "--threshold", "0.2", "--resamples", "1",
+            "--json", str(tmp_path / "o.json")]
+    res = invoke(*args)
+    assert res.exit_code == 2 and "6 subject(s) of phantom-lesions-old" in res.output
+    assert "--allow-overlap" in res.output and not (tmp_path / "o.json").exists()
+    res = invoke(*args, "--allow-overlap")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "o.json").read_text())
+    assert m["overlap"] == {"subjects": sorted(s["subject"] for s in meta["subjects"]), "allowed": True}
+
+
+def test_zscore_reference_is_the_validation_codes(trained_run: Path) -> None:  # noqa: F811
+    import torch
+
+    from mrivq.heal import nll_reference
+    from mrivq.infer import RESIDUAL_REFERENCE_MIN, run_nll_reference
+    from mrivq.runs import load_run
+
+    r = load_run(trained_run, need_prior=True)
+    codes = torch.load(trained_run / "codes" / "codes.pt", weights_only=True)
+    val = codes["val"]
+    want = torch.cat([val, codes["train"][:max(0, RESIDUAL_REFERENCE_MIN - len(val))]])
+    mean, std = run_nll_reference(r)
+    ref_mean, ref_std = nll_reference(r.prior, want.long())
+    assert torch.allclose(mean, ref_mean) and torch.allclose(std, ref_std)
+    train_mean, _ = nll_reference(r.prior, codes["train"].long())
+    assert not torch.allclose(mean, train_mean)

@@ -45,6 +45,25 @@ def test_resume_loads_rng_states_on_the_cpu_whatever_the_device(tmp_path: Path) 
     assert torch.equal(full.weight, cut.weight) and torch.equal(full.bias, cut.bias)
 
 
+def test_each_rank_resumes_its_own_rng_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint keeps every rank's RNG state (``rng_ranks``); on resume each rank takes its own, and
+    a checkpoint of another world size (or of one process) gives rank 0's."""
+    from mrivq import distributed as ddp
+    from mrivq.loop import own_rng_state
+
+    _fit(tmp_path / "r", 3)
+    ck = torch.load(tmp_path / "r" / "checkpoints" / "toy_last.pt", weights_only=True)
+    assert len(ck["rng_ranks"]) == 1 and torch.equal(ck["rng_ranks"][0]["torch"], ck["rng"]["torch"])
+    states = [{"torch": torch.full((4,), r, dtype=torch.uint8)} for r in range(3)]
+    ck3 = {"rng": states[0], "rng_ranks": states}
+    for rank in range(3):
+        monkeypatch.setattr(ddp, "world", lambda: 3)
+        monkeypatch.setattr(ddp, "rank", lambda rank=rank: rank)
+        assert own_rng_state(ck3) is states[rank]
+    monkeypatch.setattr(ddp, "world", lambda: 2)
+    assert own_rng_state(ck3) is states[0] and own_rng_state({"rng": states[1]}) is states[1]
+
+
 def test_metrics_after_resume_have_each_step_once(tmp_path: Path) -> None:
     with pytest.raises(Crash):
         _fit(tmp_path, 6, crash_at=4)  # steps 1-4 logged, checkpoint at 3

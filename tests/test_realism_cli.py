@@ -52,6 +52,15 @@ def test_eval_samples_writes_json_table_and_picture(run: Path, root: Path, sampl
     assert set(KEYS) <= set(m)
     assert m["n_synth"] == 6 and m["n_real"] >= 4 and m["n_train"] >= 4 and m["memorization"] is not None
     assert 0 <= m["c2st_accuracy"] <= 1 and m["ms_ssim"]["kernel_size"] <= 5 and m["grid"] == [32, 32, 32]
+    assert 0 < m["c2st_p_value"] <= 1 and 0 < m["c2st_texture_p_value"] <= 1 and m["mmd_floor"] is not None
+    # synth's own output is read back exactly, not re-scaled
+    assert m["sample_paths"] == {"synth_grid": 6, "preprocessed": 0}
+    # the control rows, from the training scans, each judged by the same checks
+    assert set(m["controls"]) == {"real_as_samples", "reconstructions", "mean_volume"}
+    assert m["controls_source"] == "phantom:train" and m["controls"]["real_as_samples"]["n"] == 6
+    assert set(m["checks"]) == set(m["controls"]["mean_volume"]["checks"])
+    assert m["controls"]["mean_volume"]["checks"]["diversity"]["pass"] is False
+    assert "real scans written and read as samples" in " ".join(res.output.split())
     assert len(m["nearest"]) == 6 and all(n.startswith("sub-") for n in m["nearest"])
     png = samples / "realism.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,7 +79,8 @@ def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, sam
     for v in vols:
         shutil.copy(v, nifti / v.name)
     out = tmp_path / "a.json"
-    res = invoke("eval", "--run", str(run), "--samples", str(samples), "--real", str(nifti), "--json", str(out))
+    res = invoke("eval", "--run", str(run), "--samples", str(samples), "--real", str(nifti), "--json", str(out),
+                 "--no-controls")
     assert res.exit_code == 0, res.output
     m = json.loads(out.read_text())
     assert m["n_real"] == 5 and m["real"] == str(nifti) and m["memorization"] is None
@@ -80,9 +90,52 @@ def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, sam
         img = nib.load(v)
         write_dicom_series(dcm / f"s{i}", np.asarray(img.dataobj, np.float32) * 1000, img.affine, desc=f"T1 {i}")
     res = invoke("eval", "--run", str(run), "--samples", str(samples), "--real", str(dcm), "--json",
-                 str(tmp_path / "d.json"))
+                 str(tmp_path / "d.json"), "--no-controls")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "d.json").read_text())["n_real"] == 4
+
+
+def test_samples_read_back_exactly_and_any_other_volume_is_preprocessed(run: Path, root: Path, tmp_path: Path) -> None:
+    """Volumes written on the run's synth grid come back as the model wrote them (to float32 rounding);
+    another model's volumes or real scans in their own geometry go through the run's preprocessing."""
+    import shutil
+
+    from mrivq.evaluate.volumes import load_samples, load_spec, write_as_samples
+    from mrivq.runs import load_run
+
+    r = load_run(run)
+    val = load_spec("phantom:val", r, root)
+    write_as_samples(val.x, r, tmp_path / "as")
+    back, paths = load_samples(tmp_path / "as", r)
+    assert paths == {"synth_grid": len(val), "preprocessed": 0}
+    assert np.abs(back.x - val.x).max() < 1e-5
+    real = tmp_path / "real"
+    real.mkdir()
+    for v in sorted((root / "phantom").rglob("*_t1.nii.gz"))[:4]:
+        shutil.copy(v, real / v.name)
+    vs, paths = load_samples(real, r)
+    assert paths == {"synth_grid": 0, "preprocessed": 4} and vs.x.shape[1:] == (1, 32, 32, 32)
+    res = invoke("eval", "--run", str(run), "--samples", str(real), "--root", str(root), "--no-controls",
+                 "--json", str(tmp_path / "r.json"))
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "r.json").read_text())
+    assert m["sample_paths"]["preprocessed"] == 4 and m["controls"] == {}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--samples", "S", "--threshold", "0.1"], "--threshold does not apply to eval --samples"),
+    (["--samples", "S", "--split", "train"], "--split does not apply to eval --samples"),
+    (["--anomaly", "--split", "train"], "--split does not apply to eval --anomaly"),
+    (["--anomaly", "--real", "phantom:val"], "--real does not apply to eval --anomaly"),
+    (["--anomaly", "--no-controls"], "--controls/--no-controls does not apply to eval --anomaly"),
+    (["--resamples", "2"], "--resamples does not apply to eval (reconstruction)"),
+    (["--json", "x.json"], "--json does not apply to eval (reconstruction)"),
+    (["--dataset", "phantom"], "--dataset does not apply to eval (reconstruction)"),
+    (["--no-calibrate"], "--calibrate/--no-calibrate does not apply to eval (reconstruction)"),
+])
+def test_eval_refuses_options_its_mode_does_not_use(args: list[str], needle: str, run: Path, samples: Path) -> None:
+    res = invoke("eval", "--run", str(run), *[str(samples) if a == "S" else a for a in args])
+    assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
 
 
 def test_synth_baseline_priors(run: Path, tmp_path: Path) -> None:
@@ -115,7 +168,7 @@ def _nifti(path: Path, shape: tuple[int, ...], spacing: float = 6.0) -> None:
 
 @pytest.mark.parametrize("case, needle", [
     ("three_samples", "at least 4"),
-    ("other_geometry", "synthesizes 32x32x32"),
+    ("other_geometry", "at least 4"),
     ("bad_features", "not a MedicalNet ResNet checkpoint"),
     ("no_samples", "does not exist"),
     ("unknown_dataset", "is not fetched"),
@@ -174,8 +227,8 @@ def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samp
     give) sit at distance ~0 from the training set as the model reconstructs it; new samples do not."""
     import torch
 
-    from mrivq import data as D
-    from mrivq.io import save_nifti
+    from mrivq.calibration import describe
+    from mrivq.evaluate.volumes import write_as_samples
     from mrivq.runs import load_run
 
     r = load_run(run)
@@ -183,12 +236,9 @@ def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samp
     with torch.no_grad():
         x = r.decode(codes.long()).numpy()  # as synth decodes: through the run's calibration
     copies = tmp_path / "copies"
-    copies.mkdir()
-    for i, v in enumerate(x):
-        save_nifti(D.to_intensity(v, r.info["intensity"])[0], D.synth_geometry(r.preprocess, v.shape[1:]),
-                   copies / f"synth_{i:04d}.nii.gz")
+    write_as_samples(x, r, copies, "synth", describe(r.calibration))  # as synth writes them
     res = invoke("eval", "--run", str(run), "--samples", str(copies), "--real", "phantom:val", "--train",
-                 "phantom:train", "--root", str(root))
+                 "phantom:train", "--root", str(root), "--no-controls")
     assert res.exit_code == 0, res.output
     m = json.loads((copies / "realism.json").read_text())
     assert m["memorization"] < 0.1 and m["memorization_space"].startswith("reconstructions")

@@ -163,10 +163,38 @@ def _table(a: dict, method: str, idx: list[int], threshold: float | None) -> dic
     return sub["pooled"]
 
 
+def _phantom_index(ddir: Path) -> tuple[tuple[int, int] | None, dict[str, int]]:
+    """A generated phantom dataset's ``(seed, cohort)`` and subject -> index (None, {} for other data)."""
+    try:
+        meta = json.loads((Path(ddir) / "phantom.json").read_text())
+        key = (int(meta["seed"]), int(meta.get("cohort", 0)))  # phantoms from before cohorts: the healthy one
+        return key, {str(s["subject"]): int(s["index"]) for s in meta["subjects"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, {}
+
+
+def overlapping_subjects(r: Any, ddir: Path, subjects: list[str]) -> list[str]:
+    """The ``subjects`` of dataset folder ``ddir`` that run ``r`` trained or validated on: the same
+    subject id, or (generated phantoms) the same healthy anatomy, i.e. the same seed, cohort and index
+    as a subject of the run's split. Healing those measures the model on its own data."""
+    split = r.info.get("split") or {}
+    used = {str(s) for part in split.values() for s in part} if isinstance(split, dict) else set()
+    key, index = _phantom_index(ddir)
+    run_key, run_index = _phantom_index(Path(r.info.get("data_dir", "")))
+    same_anatomy = set()
+    if key is not None and key == run_key:
+        used_index = {i for s, i in run_index.items() if s in used}
+        same_anatomy = {s for s, i in index.items() if i in used_index}
+    return [s for s in subjects if s in used or s in same_anatomy]
+
+
 def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None, opts: Any = None,
                      json_out: Path | None = None, device: str = "auto", progress: Any = None,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, allow_overlap: bool = False) -> dict:
     """Heal every lesion subject of ``dataset`` (``NAME[:val|train|all]``) and measure the maps.
+
+    Subjects the run trained or validated on (:func:`overlapping_subjects`) are refused unless
+    ``allow_overlap``; the JSON lists them under ``overlap`` either way.
 
     Returns ``{"metrics": ..., "path": json, "pictures": folder}``; the JSON has, per method,
     ``pooled`` (``auprc``, ``auroc``, ``best_dice``, ``dice`` at the calibrated threshold), ``subjects``,
@@ -201,6 +229,12 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     measured, calib = split_items(items, split)
     if not measured:
         raise MrivqError(f"split {split} of {name} has no subjects; use :all")
+    overlap = overlapping_subjects(r, ddir, [str(it["subject"]) for it in measured + calib])
+    if overlap and not allow_overlap:
+        shown = ", ".join(overlap[:3]) + (", ..." if len(overlap) > 3 else "")
+        raise MrivqError(f"{len(overlap)} subject(s) of {name} ({shown}) are, by id or healthy anatomy, in run "
+                         f"{r.path.name}'s training or validation split; generate lesion phantoms of their own "
+                         "(`mrivq fetch phantom --lesions --name NEW`) or pass --allow-overlap")
     lesions, brain_values = subject_lesions(ddir), brain_values_of(ddir)
     pictures.mkdir(exist_ok=True)
     a = _analyse(r, dev, ddir, measured, opts, lesions, brain_values, progress, pictures, split)
@@ -212,7 +246,8 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
             thresholds[m] = calibrated_threshold(c["maps"][m], c["truths"], c["regions"])
     names = [i["subject"] for i in a["info"]]
     result: dict[str, Any] = {"dataset": name, "split": split, "run": str(r.path), "heal": opts.to_dict(),
-                              "n_subjects": len(measured), "n_calibration": len(calib), "methods": {}}
+                              "n_subjects": len(measured), "n_calibration": len(calib),
+                              "overlap": {"subjects": overlap, "allowed": bool(allow_overlap)}, "methods": {}}
     for m in methods:
         full = anomaly_metrics(a["maps"][m], a["truths"], a["regions"], threshold=thresholds[m], names=names)
         for n, i in zip(names, a["info"], strict=True):

@@ -2,11 +2,8 @@
 (the run's preprocessed space) and returns plain numbers, so they can be tested on cases whose
 answer is known and reused by benchmarks.
 
-- :func:`c2st`: classifier two-sample test (Lopez-Paz & Oquab 2017, *Revisiting classifier
-  two-sample tests*): cross-validated balanced accuracy of a logistic regression telling the two
-  sets apart; 0.5 means indistinguishable.
-- :func:`mmd_rbf` and :func:`mmd_floor`: unbiased MMD² with a Gaussian kernel (Gretton et al. 2012,
-  *A kernel two-sample test*), and the same statistic between random halves of the real set.
+- :func:`downsample`: block means, the features of the anatomy-scale two-sample statistics
+  (:mod:`mrivq.evaluate.twosample`: C2ST and MMD relative to the real scans).
 - :func:`mmd_linear`: MONAI's ``MMDMetric`` (unbiased, linear kernel: the distance of the means).
 - :func:`pairwise_ms_ssim`: diversity as mean pairwise MS-SSIM (Wang et al. 2003) with MONAI's
   ``MultiScaleSSIMMetric``, kernel and scales chosen for the grid by :func:`ms_ssim_params`.
@@ -41,63 +38,6 @@ def downsample(x: np.ndarray | torch.Tensor, factor: int = 4) -> torch.Tensor:
     return pool(t, size).flatten(1)
 
 
-def c2st(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, *, folds: int = 5, repeats: int = 5,
-         seed: int = 0) -> dict:
-    """Classifier two-sample test on feature rows ``a [N, F]`` and ``b [M, F]``.
-
-    A standardised, L2-regularised logistic regression is trained to tell ``a`` from ``b``; the
-    out-of-fold balanced accuracy (stratified ``folds``-fold, averaged over ``repeats`` shuffles) is
-    the statistic: 0.5 when the sets are indistinguishable, 1.0 when every volume is told apart.
-    ``p_value`` is the one-sided binomial test of the first repeat's correct predictions against
-    chance, as in Lopez-Paz & Oquab 2017."""
-    from scipy.stats import binomtest
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    x = np.concatenate([a, b])
-    y = np.r_[np.zeros(len(a), int), np.ones(len(b), int)]
-    k = int(min(folds, len(a), len(b)))
-    if k < 2:
-        raise ValueError(f"c2st needs at least 2 items per set, got {len(a)} and {len(b)}")
-    accs, p = [], 1.0
-    for r in range(repeats):
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
-        pred = cross_val_predict(clf, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed + r))
-        accs.append(balanced_accuracy_score(y, pred))
-        if r == 0:
-            p = float(binomtest(int((pred == y).sum()), len(y), 0.5, alternative="greater").pvalue)
-    return {"accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "p_value": p,
-            "folds": k, "repeats": repeats, "classifier": "logistic regression (L2, C=1, standardised)"}
-
-
-def _sqdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a.double(), b.double()).square()
-
-
-def rbf_bandwidth(ref: torch.Tensor) -> float:
-    """Median heuristic: the median pairwise distance among ``ref`` rows (Gretton et al. 2012)."""
-    d = torch.pdist(ref.double())
-    return float(d.median()) if d.numel() else 1.0
-
-
-def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
-    """Unbiased MMD² between rows of ``a`` and ``b`` with ``k(x, y) = exp(-|x-y|² / (2 h²))``.
-
-    Its expectation is 0 when both come from one distribution (so small negative values occur)."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError("MMD needs at least 2 items per set")
-    g = 2.0 * bandwidth ** 2
-    kaa, kbb, kab = (torch.exp(-_sqdist(u, v) / g) for u, v in ((a, a), (b, b), (a, b)))
-    m, n = len(a), len(b)
-    saa = (kaa.sum() - kaa.diagonal().sum()) / (m * (m - 1))
-    sbb = (kbb.sum() - kbb.diagonal().sum()) / (n * (n - 1))
-    return float(saa + sbb - 2 * kab.mean())
-
-
 def half_splits(real: torch.Tensor, stat: Callable[[torch.Tensor, torch.Tensor], float], *, splits: int = 20,
                 seed: int = 0) -> float:
     """Noise floor of a two-sample statistic: its mean absolute value between random halves of ``real``.
@@ -112,11 +52,6 @@ def half_splits(real: torch.Tensor, stat: Callable[[torch.Tensor, torch.Tensor],
         perm = torch.randperm(len(real), generator=g)
         vals.append(abs(stat(real[perm[:h]], real[perm[h:2 * h]])))
     return float(np.mean(vals))
-
-
-def mmd_floor(real: torch.Tensor, bandwidth: float, *, splits: int = 20, seed: int = 0) -> float:
-    """Noise floor of :func:`mmd_rbf` (see :func:`half_splits`)."""
-    return half_splits(real, lambda a, b: mmd_rbf(a, b, bandwidth), splits=splits, seed=seed)
 
 
 def mmd_linear(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0) -> float:

@@ -1,16 +1,21 @@
 """``mrivq eval --samples``: how real are a run's samples?
 
-Samples, real scans and (optionally) the training scans all go through the run's own preprocessing,
-then every metric of :mod:`mrivq.evaluate.metrics` is computed on that one grid: a classifier
-two-sample test, MMD against its real-halves noise floor, diversity (pairwise MS-SSIM), memorization
-(nearest training volume), head-mask Dice and tissue fractions, and FID only with named features.
-The result is a table, ``realism.json`` and ``realism.png``.
+Samples (read back exactly when ``mrivq synth`` wrote them for this run, else through the run's
+preprocessing), real scans and (optionally) the training scans meet on one grid, then every metric is
+computed there: two classifier two-sample tests (anatomy and texture, relative to the real scans, with
+permutation p-values; :mod:`mrivq.evaluate.twosample`), a multi-bandwidth MMD against its permutation
+null, diversity (pairwise MS-SSIM), memorization (nearest training volume), head-mask Dice and tissue
+fractions, and FID only with named features. Control rows measured the same way (real scans written
+and read as samples, their reconstructions, their mean volume repeated) give each figure its empirical
+null and ceiling, and :func:`checks` states each goal against them. The result is a table,
+``realism.json`` and ``realism.png``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,8 @@ import torch
 
 from mrivq.errors import MrivqError
 from mrivq.evaluate import metrics as M
-from mrivq.evaluate.volumes import check_samples, load_folder, load_spec
+from mrivq.evaluate import twosample as TS
+from mrivq.evaluate.volumes import load_samples, load_spec, nifti_files
 
 MIN_VOLUMES = 4
 #: the keys every realism.json has (``memorization`` when a training set was given, ``fid`` with features)
@@ -46,33 +52,107 @@ def _need(n: int, source: str, what: str) -> None:
                          f"{MIN_VOLUMES} on each side")
 
 
+def anatomy_reference(real: np.ndarray, seed: int = 0) -> dict:
+    """What every compared set is measured against, computed once from the real scans: head masks and
+    their threshold, the leave-one-out real mask Dice, the tissue mixture and real fractions, MS-SSIM
+    parameters and the real scans' own diversity."""
+    thr = M.head_threshold(real[:, 0])
+    masks = M.head_masks(real[:, 0], thr)
+    gmm, order = M.tissue_model(real[:, 0], masks, seed=seed)
+    params = M.ms_ssim_params(real.shape[2:])
+    return {"threshold": thr, "masks": masks, "mean_mask": M.mean_mask(masks), "dice": M.loo_mask_dice(masks),
+            "gmm": gmm, "order": order, "tissue": M.tissue_fractions(real[:, 0], masks, gmm, order),
+            "ms_ssim": params, "ms_ssim_real": M.pairwise_ms_ssim(real, params, seed=seed)}
+
+
+def set_metrics(x: np.ndarray, real: np.ndarray, ref: dict, *, seed: int = 0, permutations: int = 100) -> dict:
+    """The two-sample, diversity and anatomy figures of one set ``x`` against ``real`` (``ref``: its
+    :func:`anatomy_reference`): what the samples and every control row report."""
+    res: dict[str, Any] = {"n": len(x)}
+    a = TS.c2st_anatomy(real, x, seed=seed, permutations=permutations)
+    t = TS.c2st_texture(real, x, seed=seed, permutations=permutations)
+    res.update(c2st_accuracy=a["accuracy"], c2st_p_value=a["p_value"], c2st_null_q95=a["null_q95"], c2st=a,
+               c2st_texture_accuracy=t["accuracy"], c2st_texture_p_value=t["p_value"],
+               c2st_texture_null_q95=t["null_q95"], c2st_texture=t)
+    fr, fx = M.downsample(real).numpy(), M.downsample(x).numpy()
+    m = TS.mmd(fr, fx, seed=seed, permutations=2 * permutations)
+    res.update(mmd=m["mmd"], mmd_floor=m["floor"], mmd_p_value=m["p_value"], mmd_kernel=m)
+    res["ms_ssim_synth"] = M.pairwise_ms_ssim(x, ref["ms_ssim"], seed=seed)
+    masks = M.head_masks(x[:, 0], ref["threshold"])
+    dice = M.mask_dice(masks, ref["mean_mask"])
+    res.update(mask_dice_synth=float(np.median(dice)), mask_dice_synth_min=float(dice.min()),
+               head_shaped_fraction=float((dice >= 0.85).mean()), mask_dice_synth_all=dice.tolist())
+    tr = ref["tissue"]
+    ts = M.tissue_fractions(x[:, 0], masks, ref["gmm"], ref["order"])
+    lo, hi = tr.min(0), tr.max(0)
+    res["tissue"] = {
+        "classes": ["dark", "mid", "bright"], "means": np.sort(ref["gmm"].means_.ravel()).tolist(),
+        "real_mean": tr.mean(0).tolist(), "real_min": lo.tolist(), "real_max": hi.tolist(),
+        "synth_mean": ts.mean(0).tolist(), "synth_min": ts.min(0).tolist(), "synth_max": ts.max(0).tolist(),
+        "synth_in_real_range": float(np.all((ts >= lo) & (ts <= hi), axis=1).mean()),
+        # how far the synthetic mean fraction is from the real one, in real standard deviations
+        "synth_mean_z": (np.abs(ts.mean(0) - tr.mean(0)) / np.maximum(tr.std(0), 1e-6)).tolist(),
+    }
+    res["tissue_in_range"] = res["tissue"]["synth_in_real_range"]
+    res["tissue_z"] = max(res["tissue"]["synth_mean_z"])
+    res["_anatomy"] = {"mask Dice with the real mean mask": (ref["dice"], dice),
+                       **{f"{n} tissue fraction": (tr[:, i], ts[:, i]) for i, n in enumerate(res["tissue"]["classes"])}}
+    return res
+
+
+#: how far below the real-as-samples control a row's tissue-in-range share and head-mask Dice may be
+TISSUE_SLACK, DICE_SLACK = 0.10, 0.05
+
+
+def checks(row: dict, ms_ssim_real: float, mask_dice_real: float, control: dict | None = None) -> dict:
+    """Pass/fail of each realism goal for one row, each bound stated against a null or a control:
+    ``c2st`` and ``c2st_texture``: not told apart at 5% (permutation p >= 0.05); ``mmd``: MMD² within the
+    95% band of its permutation null; ``diversity``: at least half the real scans' pairwise
+    dissimilarity (1 - MS-SSIM); ``head_shape``: median head-mask Dice within ``DICE_SLACK`` of the real
+    scans' leave-one-out median; ``tissue``: tissue fractions in the real range for as many volumes as
+    the real-as-samples ``control`` has, less ``TISSUE_SLACK`` (real scans themselves miss the range
+    sometimes; without a control, 0.75)."""
+    def check(value: float | None, bound: float | None, ok: Callable[[float, float], bool]) -> dict:
+        known = value is not None and bound is not None  # (no permutations: no null to judge against)
+        return {"value": value, "bound": bound, "pass": bool(ok(value, bound)) if known else None}
+
+    tissue = control["tissue_in_range"] - TISSUE_SLACK if control else 0.75
+    below, above = (lambda v, b: v <= b), (lambda v, b: v >= b)
+    return {
+        "c2st": check(row["c2st_p_value"], 0.05, above),
+        "c2st_texture": check(row["c2st_texture_p_value"], 0.05, above),
+        "mmd": check(row["mmd"], row["mmd_floor"], below),
+        "diversity": check(row["ms_ssim_synth"], 1 - 0.5 * (1 - ms_ssim_real), below),
+        "head_shape": check(row["mask_dice_synth"], mask_dice_real - DICE_SLACK, above),
+        "tissue": check(row["tissue_in_range"], tissue, above),
+    }
+
+
 def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, *,
-                    features: Any = None, seed: int = 0, model_space: tuple[np.ndarray, np.ndarray] | None = None
-                    ) -> dict:
+                    features: Any = None, seed: int = 0, model_space: tuple[np.ndarray, np.ndarray] | None = None,
+                    controls: dict[str, np.ndarray] | None = None, permutations: int = 100) -> dict:
     """Every realism metric of ``synth`` against ``real`` (arrays ``[N, C, *spatial]`` on one grid).
 
     ``train`` adds memorization; ``features`` (a :class:`mrivq.evaluate.features.FeatureExtractor`)
     adds an FID named after it. ``model_space`` = (train, real) as the autoencoder reconstructs them:
     memorization then compares samples with what the model can express of the training set, so a
     decoded copy of a training code grid is at distance 0 (against the raw volumes it is as far away
-    as a new subject, by the reconstruction error). Returns the JSON-able dict written to
-    ``realism.json``, plus ``_nearest`` (index of each sample's nearest train-or-real volume)."""
-    fs, fr = M.downsample(synth), M.downsample(real)
+    as a new subject, by the reconstruction error). ``controls`` (name -> volumes): sets measured the
+    same way as the samples, each with its own row under ``controls`` (see :func:`control_sets`); the
+    ``real_as_samples`` one sets the tissue goal of :func:`checks`. Returns the JSON-able dict written
+    to ``realism.json``, plus ``_nearest`` (index of each sample's nearest train-or-real volume) and
+    ``_anatomy`` (the histograms' values)."""
+    ref = anatomy_reference(real, seed)
     res: dict[str, Any] = {"n_synth": len(synth), "n_real": len(real), "grid": list(synth.shape[2:]),
-                           "features": "4x block means of the preprocessed intensities"}
-    c = M.c2st(fr.numpy(), fs.numpy(), seed=seed)
-    res.update(c2st_accuracy=c["accuracy"], c2st_accuracy_std=c["accuracy_std"], c2st_p_value=c["p_value"],
-               c2st=c)
-    bw = M.rbf_bandwidth(fr)
-    res.update(mmd=M.mmd_rbf(fr, fs, bw), mmd_floor=M.mmd_floor(fr, bw, seed=seed),
-               mmd_kernel={"kind": "gaussian", "bandwidth": bw, "bandwidth_rule": "median real-real distance",
-                           "estimator": "unbiased MMD^2 (Gretton et al. 2012)",
-                           "floor": "mean |MMD^2| over 20 random halves of the real set"})
+                           "features": "4x block means (anatomy), random-convolution texture (texture)"}
+    row = set_metrics(synth, real, ref, seed=seed, permutations=permutations)
+    row.pop("n")
+    res.update(row)
+    fr, fs = M.downsample(real), M.downsample(synth)
     res.update(mmd_linear_monai=M.mmd_linear(fr, fs, seed=seed),
                mmd_linear_monai_floor=M.half_splits(fr, M.mmd_linear, seed=seed))
-    params = M.ms_ssim_params(synth.shape[2:])
-    res.update(ms_ssim_synth=M.pairwise_ms_ssim(synth, params, seed=seed),
-               ms_ssim_real=M.pairwise_ms_ssim(real, params, seed=seed), ms_ssim=params)
+    res.update(ms_ssim_real=ref["ms_ssim_real"], ms_ssim=ref["ms_ssim"], mask_threshold=ref["threshold"],
+               mask_dice_real=float(np.median(ref["dice"])), mask_dice_real_all=ref["dice"].tolist())
     xs, xr = torch.as_tensor(synth).flatten(1), torch.as_tensor(real).flatten(1)
     if train is not None:
         t_ref, r_ref = model_space if model_space is not None else (train, real)
@@ -89,27 +169,15 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
     else:
         res["memorization"] = None
         res["_nearest"] = ("nearest real", M.nearest(xs, xr)[1])
-    thr = M.head_threshold(real[:, 0])
-    mr, ms = M.head_masks(real[:, 0], thr), M.head_masks(synth[:, 0], thr)
-    dice_s, dice_r = M.mask_dice(ms, M.mean_mask(mr)), M.loo_mask_dice(mr)
-    res.update(mask_dice_synth=float(np.median(dice_s)), mask_dice_real=float(np.median(dice_r)),
-               mask_dice_synth_min=float(dice_s.min()), head_shaped_fraction=float((dice_s >= 0.85).mean()),
-               mask_threshold=thr, mask_dice_synth_all=dice_s.tolist(), mask_dice_real_all=dice_r.tolist())
-    gmm, order = M.tissue_model(real[:, 0], mr, seed=seed)
-    tr, ts = M.tissue_fractions(real[:, 0], mr, gmm, order), M.tissue_fractions(synth[:, 0], ms, gmm, order)
-    lo, hi = tr.min(0), tr.max(0)
-    res["tissue"] = {
-        "classes": ["dark", "mid", "bright"], "means": np.sort(gmm.means_.ravel()).tolist(),
-        "real_mean": tr.mean(0).tolist(), "real_min": lo.tolist(), "real_max": hi.tolist(),
-        "synth_mean": ts.mean(0).tolist(), "synth_min": ts.min(0).tolist(), "synth_max": ts.max(0).tolist(),
-        "synth_in_real_range": float(np.all((ts >= lo) & (ts <= hi), axis=1).mean()),
-        # how far the synthetic mean fraction is from the real one, in real standard deviations
-        "synth_mean_z": (np.abs(ts.mean(0) - tr.mean(0)) / np.maximum(tr.std(0), 1e-6)).tolist(),
-    }
-    res["tissue_in_range"] = res["tissue"]["synth_in_real_range"]
-    res["tissue_z"] = max(res["tissue"]["synth_mean_z"])
-    res["_anatomy"] = {"mask Dice with the real mean mask": (dice_r, dice_s),
-                       **{f"{n} tissue fraction": (tr[:, i], ts[:, i]) for i, n in enumerate(res["tissue"]["classes"])}}
+    rows: dict[str, dict] = {}
+    for name, x in (controls or {}).items():
+        rows[name] = set_metrics(x, real, ref, seed=seed, permutations=permutations)
+        rows[name].pop("_anatomy")
+    control = rows.get("real_as_samples")
+    res["checks"] = checks(res, res["ms_ssim_real"], res["mask_dice_real"], control)
+    for r in rows.values():
+        r["checks"] = checks(r, res["ms_ssim_real"], res["mask_dice_real"], control)
+    res["controls"] = rows
     if features is not None:
         res["fid"] = _fid(features, synth, real)
         res["fid_features"] = features.name
@@ -136,32 +204,59 @@ def _samples_calibrated(files: list[Path]) -> bool:
 
 def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4, calibrate: bool = True) -> np.ndarray:
     """``x`` encoded and decoded by the run's VQ-VAE (eval mode: the codebook never changes), through
-    its calibration as synth decodes (when ``calibrate``), then intensity-scaled as a written sample is
-    when it is read back (the run's percentile scaling)."""
-    from monai.data import MetaTensor
-
-    from mrivq.data import ScalePercentilesd
+    its calibration as synth decodes (when ``calibrate``): model space, as samples are read back."""
     from mrivq.progress import silent
 
-    pre = r.preprocess
-    scale = ScalePercentilesd("image", pre.percentiles[0], pre.percentiles[1], pre.clip)
     out = []
     dev = next(r.vqvae.parameters()).device
     with torch.no_grad(), (progress or silent()).task("reconstruct", total=len(x), unit="vol") as bar:
         for s in range(0, len(x), batch):
             xb = torch.as_tensor(x[s:s + batch], device=dev)
-            y = r.decode(r.vqvae.encode_indices(xb), calibrate).cpu()
-            out.extend(scale({"image": MetaTensor(v)})["image"].as_tensor().numpy() for v in y)
+            out.append(r.decode(r.vqvae.encode_indices(xb), calibrate).cpu().numpy())
             bar.advance(len(xb))
-    return np.stack(out)
+    return np.concatenate(out)
+
+
+def control_sets(r: Any, source: np.ndarray, count: int, calibrate: bool,
+                 progress: Any = None) -> dict[str, np.ndarray]:
+    """The control rows every realism table carries, from ``count`` real scans of ``source`` (evenly
+    spread; the training scans, never the real reference set), each written as ``mrivq synth`` writes and
+    read back as samples are:
+
+    - ``real_as_samples``: the scans themselves: every metric's empirical null for the samples' path;
+    - ``reconstructions``: the VQ-VAE's reconstructions of them (through the calibration when the
+      samples had it): the ceiling the decoder allows;
+    - ``mean_volume``: their mean volume repeated ``count`` times: a collapsed model, which diversity and
+      MMD must fail."""
+    import tempfile
+
+    from mrivq.calibration import describe
+    from mrivq.evaluate.volumes import load_samples, write_as_samples
+
+    pick = sorted({int(round(v)) for v in np.linspace(0, len(source) - 1, min(count, len(source)))})
+    x = source[pick]
+    sets = {"real_as_samples": x, "reconstructions": _reconstruct(r, x, progress, calibrate=calibrate)}
+    out: dict[str, np.ndarray] = {}
+    how = {"real_as_samples": "none", "reconstructions": describe(r.calibration if calibrate else None)}
+    with tempfile.TemporaryDirectory(prefix="mrivq-controls-") as tmp:
+        for name, v in sets.items():
+            write_as_samples(v, r, Path(tmp) / name, calibration=how[name])
+            out[name] = load_samples(Path(tmp) / name, r)[0].x
+    out["mean_volume"] = np.repeat(out["real_as_samples"].mean(0, keepdims=True), len(x), 0)
+    return out
 
 
 def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, train: str | None = None, *,
                      features: str | None = None, json_out: Path | None = None, root: Path | None = None,
-                     progress: Any = None, seed: int = 0, device: str = "auto", overwrite: bool = False) -> dict:
-    """Realism of the NIfTI samples in ``samples`` against ``real`` (default: the run's validation
-    split), with memorization against ``train`` when given. Writes JSON (``json_out``, else
-    ``samples/realism.json``) and ``realism.png`` beside it; returns ``{"metrics", "json", "picture"}``."""
+                     progress: Any = None, seed: int = 0, device: str = "auto", overwrite: bool = False,
+                     controls: bool = True, permutations: int = 100) -> dict:
+    """Realism of the samples in ``samples`` (NIfTI files or DICOM series: ``mrivq synth`` output of this
+    run is read back exactly, any other volume goes through the run's preprocessing) against ``real``
+    (default: the run's validation split), with memorization against ``train`` when given. With
+    ``controls``, the control rows of :func:`control_sets` are measured beside the samples, from the
+    training scans (``train``, else the run's own dataset's training split when it is there). Writes JSON
+    (``json_out``, else ``samples/realism.json``) and ``realism.png`` beside it; returns
+    ``{"metrics", "json", "picture"}``."""
     from mrivq.evaluate.features import load_features
     from mrivq.evaluate.picture import realism_figure
     from mrivq.loop import resolve_device
@@ -171,17 +266,19 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --samples measures 3D volumes (NIfTI samples)")
     extractor = load_features(features) if features else None  # fail early, before loading volumes
-    files = check_samples(Path(samples), r)
-    _need(len(files), str(samples), "samples folder")
     out = Path(json_out) if json_out else Path(samples) / "realism.json"
+    if not Path(samples).is_dir():
+        raise MrivqError(f"samples folder {samples} does not exist; write samples with `mrivq synth --out {samples}`")
     if not out.parent.is_dir():
         raise MrivqError(f"--json: folder {out.parent} does not exist; create it or choose another path")
     if out.is_dir() or not os.access(out.parent, os.W_OK):
         raise MrivqError(f"cannot write {out}; pass --json with a writable file path")
     if json_out and not overwrite and (out.exists() or out.with_suffix(".png").exists()):
         raise MrivqError(f"{out} (or its .png) already exists; pass --overwrite or choose another --json")
+    S, paths = load_samples(Path(samples), r, progress)
+    _need(len(S), str(samples), "samples folder")
+    files = nifti_files(Path(samples))
     real = real or f"{r.info.get('dataset')}:val"
-    S = load_folder(Path(samples), r.preprocess, progress, "samples", files=files)
     splits: dict = {}  # phantom:val and phantom:train preprocess the dataset once
     R = load_spec(real, r, root, progress, "real volumes", splits)
     _need(len(R), R.source, "real set")
@@ -195,16 +292,38 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     cal = _samples_calibrated(files) and r.calibration is not None
     space = (_reconstruct(r, T.x, progress, calibrate=cal), _reconstruct(r, R.x, progress, calibrate=cal)) \
         if T is not None else None
-    res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed, model_space=space)
+    ctrl, note = None, None
+    if controls:
+        C = T if T is not None else _own_train(r, real, root, progress, splits)
+        if C is None or len(C) < MIN_VOLUMES:
+            note = ("no training scans to build the controls from (pass --train, or fetch the run's dataset); "
+                    "controls skipped")
+        else:
+            ctrl = control_sets(r, C.x, len(S), cal, progress)
+    res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed, model_space=space,
+                          controls=ctrl, permutations=permutations)
     label, idx = res.pop("_nearest")
     anatomy = res.pop("_anatomy")
     ref = T if T is not None else R
     if space is not None:
         res["memorization_space"] += " (calibrated)" if cal else ""
     res.update(run=str(r.path), samples=str(samples), real=R.source, train=T.source if T is not None else None,
-               nearest=[ref.names[i] for i in idx], sample_names=S.names)
+               nearest=[ref.names[i] for i in idx], sample_names=S.names, sample_paths=paths,
+               controls_source=(T.source if T is not None else f"{r.info.get('dataset')}:train") if ctrl else None,
+               controls_note=note)
     res = _finite(res)
     write_json(out, res)
     pic = realism_figure(out.with_suffix(".png"), S.x, ref.x[idx], label, anatomy,
                          f"{r.path.name}: {len(S)} samples vs {R.source}")
     return {"metrics": res, "json": str(out), "picture": str(pic)}
+
+
+def _own_train(r: Any, real: str, root: Path | None, progress: Any, splits: dict) -> Any:
+    """The run's own dataset's training split, when it is there and is not the real reference set."""
+    name = r.info.get("dataset")
+    if not name or real == f"{name}:train" or real == f"{name}:all" or real == name:
+        return None
+    try:
+        return load_spec(f"{name}:train", r, root, progress, "training volumes", splits)
+    except MrivqError:
+        return None

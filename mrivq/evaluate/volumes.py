@@ -140,28 +140,106 @@ def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = Non
     return load_dataset(name, split or "all", run, root, progress, splits)
 
 
-def check_samples(folder: Path, run: Any) -> list[Path]:
-    """The NIfTI samples in ``folder``; each must have the grid and voxel size the run synthesizes
-    (samples of another run would otherwise be silently resampled into this one's grid)."""
+def sidecar(path: Path) -> dict | None:
+    """The JSON sidecar ``mrivq synth`` writes beside a sample (``NAME.json``), if there is one."""
+    from mrivq.synth import _read_json
+
+    side = _read_json(Path(path).parent / (Path(path).name.split(".")[0] + ".json"))
+    return side if isinstance(side, dict) else None
+
+
+def on_synth_grid(path: Path, run: Any) -> bool:
+    """Whether NIfTI ``path`` is a sample written for ``run``'s grid: a synth sidecar beside it (which says
+    how it was decoded) and the run's image shape and synth affine. Such volumes are read back exactly;
+    any other (a real scan that happens to share the grid included) goes through the run's
+    preprocessing, as real scans do."""
     import nibabel as nib
+
+    from mrivq.data import synth_geometry
+
+    side = sidecar(path)
+    if side is None or "calibration" not in side:
+        return False
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:
+        raise MrivqError(f"sample {path} cannot be read ({type(e).__name__}); remove it or re-synthesize") from None
+    want = tuple(int(s) for s in run.info.get("image_shape") or ())
+    shape = tuple(int(s) for s in img.shape[:3])
+    return bool(want) and shape == want[:3] and np.allclose(img.affine, synth_geometry(run.preprocess, want), atol=1e-3)
+
+
+def read_synth_grid(path: Path, run: Any) -> np.ndarray:
+    """A volume written on the run's synth grid, back in the model's [0, 1] space: the exact inverse of
+    :func:`mrivq.data.to_intensity` with the range synth wrote it with (its sidecar's class, if any),
+    so a sample is compared with the real scans as the decoder produced it (re-scaling it by its own
+    percentiles over the padded grid would give it another path than the real scans took)."""
+    import nibabel as nib
+
+    from mrivq.data import intensity_range
+    from mrivq.synth import _intensity
+
+    side = sidecar(path)
+    cls = side.get("class") if side else None
+    lo, hi = intensity_range(_intensity(run, cls if isinstance(cls, int) else None))
+    a = np.asarray(nib.load(str(path)).dataobj, np.float64)
+    a = a[None] if a.ndim == 3 else np.moveaxis(a, -1, 0)
+    if len(a) != len(lo):
+        raise MrivqError(f"sample {path.name} has {len(a)} channel(s) but run {run.path.name} has {len(lo)}")
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    return np.clip((a - lo.reshape(shape)) / np.maximum(hi - lo, 1e-12).reshape(shape), 0, 1).astype(np.float32)
+
+
+def load_samples(folder: Path, run: Any, progress: Any = None) -> tuple[VolumeSet, dict]:
+    """The samples in ``folder`` (NIfTI files, else DICOM series) on the run's grid: volumes ``mrivq synth``
+    wrote for this grid are read back exactly (:func:`read_synth_grid`), any other (another model's
+    samples, real scans) goes through the run's preprocessing. Returns the set and how many took each
+    path (``{"synth_grid": n, "preprocessed": m}``)."""
+    from mrivq.progress import silent
 
     folder = Path(folder)
     if not folder.is_dir():
         raise MrivqError(f"samples folder {folder} does not exist; write samples with `mrivq synth --out {folder}`")
     files = nifti_files(folder)
     if not files:
-        raise MrivqError(f"{folder} holds no NIfTI samples; write some with `mrivq synth --out {folder}`")
-    want = tuple(int(s) for s in run.info.get("image_shape") or ())
-    spacing = run.preprocess.spacing
-    for f in files:
         try:
-            hdr = nib.load(str(f)).header
-        except Exception as e:
-            raise MrivqError(f"sample {f} cannot be read ({type(e).__name__}); remove it or re-synthesize") from None
-        shape = tuple(int(s) for s in hdr.get_data_shape()[:3])
-        zooms = [float(z) for z in hdr.get_zooms()[:3]]
-        if (want and shape != want) or (spacing and not np.allclose(zooms, spacing[:3], atol=1e-3)):
-            raise MrivqError(f"sample {f.name} is {'x'.join(map(str, shape))} at {zooms} mm, but run "
-                             f"{run.path.name} synthesizes {'x'.join(map(str, want))} at {spacing} mm; pass "
-                             f"samples written by `mrivq synth --run {run.path}`")
-    return files
+            vs = load_folder(folder, run.preprocess, progress, "samples")
+        except MrivqError:
+            raise MrivqError(f"{folder} holds no NIfTI samples and no DICOM series; write some with "
+                             f"`mrivq synth --out {folder}`") from None
+        return vs, {"synth_grid": 0, "preprocessed": len(vs)}
+    arrays, names, paths = [], [], {"synth_grid": 0, "preprocessed": 0}
+    with (progress or silent()).task("load samples", total=len(files), unit="vol") as bar:
+        for f in files:
+            if on_synth_grid(f, run):
+                arrays.append(read_synth_grid(f, run))
+                paths["synth_grid"] += 1
+            else:
+                arrays.append(_transform_source({"path": str(f)}, f.name, run.preprocess))
+                paths["preprocessed"] += 1
+            names.append(f.name)
+            bar.advance(1)
+    return _stack(arrays, names, str(folder), run.preprocess), paths
+
+
+def write_as_samples(x: np.ndarray, run: Any, folder: Path, prefix: str = "control",
+                     calibration: str = "none") -> list[Path]:
+    """Volumes ``[N, C, *grid]`` in [0, 1] written exactly as ``mrivq synth`` writes its samples (the run's
+    intensity range and synth affine, a sidecar saying how they were decoded: ``calibration``, as
+    :func:`mrivq.calibration.describe` says it), so that a control set takes the samples' path."""
+    from mrivq import data as D
+    from mrivq.io import save_nifti
+    from mrivq.runs import write_json
+    from mrivq.synth import _intensity
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, v in enumerate(x):
+        vol = D.to_intensity(v, _intensity(run, None))
+        p = folder / f"{prefix}_{i:04d}.nii.gz"
+        arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
+        save_nifti(arr, D.synth_geometry(run.preprocess, v.shape[1:]), p)
+        write_json(p.with_name(f"{prefix}_{i:04d}.json"), {"calibration": calibration, "index": i})
+        out.append(p)
+    return out
