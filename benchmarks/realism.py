@@ -50,9 +50,15 @@ ROWS = {
     "marginal-greedy": {"prior": "marginal", "temperature": 0.0},
     "uniform": {"prior": "uniform", "temperature": 1.0},
 }
-KEEP = ("c2st_accuracy", "c2st_p_value", "mmd", "mmd_floor", "mmd_linear_monai", "mmd_linear_monai_floor",
+KEEP = ("c2st_accuracy", "c2st_p_value", "c2st_null_q95", "c2st_texture_accuracy", "c2st_texture_p_value",
+        "c2st_texture_null_q95", "mmd", "mmd_floor", "mmd_p_value", "mmd_linear_monai", "mmd_linear_monai_floor",
         "ms_ssim_synth", "ms_ssim_real", "memorization", "memorization_min", "mask_dice_synth", "mask_dice_real",
-        "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "n_synth", "n_real", "n_train")
+        "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "n_synth", "n_real", "n_train",
+        "checks")
+#: what the control rows (measured once, with the first row) keep
+CONTROL_KEEP = ("c2st_accuracy", "c2st_p_value", "c2st_texture_accuracy", "c2st_texture_p_value", "mmd", "mmd_floor",
+                "mmd_p_value", "ms_ssim_synth", "mask_dice_synth", "mask_dice_synth_min", "head_shaped_fraction",
+                "tissue_in_range", "tissue_z", "n", "checks")
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
@@ -65,11 +71,15 @@ def stage_seconds(run: Path) -> dict[str, float]:
     return {s: max(t) - min(t) for s, t in times.items()}
 
 
-def evaluate(run: Path, folder: Path, root: Path | None, dataset: str) -> dict:
+def evaluate(run: Path, folder: Path, root: Path | None, dataset: str, controls: bool = False) -> dict:
+    """A row's realism metrics (``KEEP``); with ``controls`` also ``controls``: the control rows' (``CONTROL_KEEP``)."""
     from mrivq.evaluate import evaluate_realism
 
-    res = evaluate_realism(run, folder, f"{dataset}:val", f"{dataset}:train", root=root)["metrics"]
-    return {k: res.get(k) for k in KEEP}
+    res = evaluate_realism(run, folder, f"{dataset}:val", f"{dataset}:train", root=root, controls=controls)["metrics"]
+    out = {k: res.get(k) for k in KEEP}
+    if controls:
+        out["controls"] = {n: {k: c.get(k) for k in CONTROL_KEEP} for n, c in (res.get("controls") or {}).items()}
+    return out
 
 
 def write_volumes(r, vols: np.ndarray, out: Path, calibration: str = "none") -> None:
@@ -221,6 +231,7 @@ def main() -> None:
     budgets = stage_seconds(run)
     budgets.update({k: v for k, v in (("vqvae", args.budget_vqvae), ("prior", args.budget_prior)) if v})
     rows: dict[str, dict] = {}
+    controls: dict = {}  # measured with the first row: they do not depend on the samples
     for name in args.rows.split(","):
         folder = work / "samples" / name
         t0 = time.perf_counter()
@@ -240,9 +251,19 @@ def main() -> None:
         if not (args.reuse and done.is_file()):
             extra["generate_seconds"] = round(time.perf_counter() - t0, 1)
             done.write_text(json.dumps(extra))
-        rows[name] = {**evaluate(run, folder, args.root, info["dataset"]), **extra}
+        rows[name] = {**evaluate(run, folder, args.root, info["dataset"], controls=not controls), **extra}
+        controls = controls or rows[name].pop("controls", {})
         print(json.dumps({name: rows[name]}), file=sys.stderr)
-    emit({"run": str(run), "stage_seconds": budgets, "rows": rows}, args.out)
+    judge(rows, controls)
+    emit({"run": str(run), "stage_seconds": budgets, "controls": controls, "rows": rows}, args.out)
+
+
+def judge(rows: dict[str, dict], controls: dict) -> None:
+    """Every row's checks against the one set of controls (measured with the first row only)."""
+    from mrivq.evaluate.realism import checks
+
+    for row in rows.values():
+        row["checks"] = checks(row, row["ms_ssim_real"], row["mask_dice_real"], controls.get("real_as_samples"))
 
 if __name__ == "__main__":
     main()
