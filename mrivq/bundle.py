@@ -198,11 +198,11 @@ def export_bundle(run: str | Path | None, out: str | Path, *, overwrite: bool = 
         raise MrivqError(f"folder {out.parent} does not exist; create it first")
     if out.resolve().is_relative_to(r.path.resolve()):
         raise MrivqError(f"bundle folder {out} is inside run {r.path.name}; choose a folder outside it")
-    from mrivq.synth import _read_json
+    from mrivq.synth import read_json
 
     realism = None
     for p in sorted(r.path.glob("**/realism.json")):
-        found = _read_json(p)
+        found = read_json(p)
         if isinstance(found, dict):
             realism = found.get("metrics") or found
     licence = citation = ""

@@ -68,7 +68,7 @@ HealZscoreOpt = typer.Option(0.0, "--zscore", help="Healing: flag codes this man
 HealSmoothOpt = typer.Option(HEAL_SMOOTH, "--smooth", help="Healing: Gaussian sigma (voxels) of the maps.")
 HealCalibrateOpt = typer.Option(None, "--calibrate/--no-calibrate", help="Healing: compare the input with "
                                 "reconstructions through the run's intensity calibration (default: when the run "
-                                "has one; measured better).", show_default=False)
+                                "has one; raw measures alike).", show_default=False)
 HealNormalizeOpt = typer.Option(None, "--normalize/--no-normalize", help="Healing: residuals as per-voxel z-scores "
                                 "against the reconstruction residuals of the run's healthy validation scans "
                                 "(default: for 3D runs whose dataset or stored reference is there; measured "

@@ -48,8 +48,8 @@ class HealOptions:
     certain in some places than others: a fixed probability flags the uncertain places first);
     ``calibrate``: decoded volumes (healed and plain reconstructions) go through the run's intensity
     calibration (:mod:`mrivq.calibration`) before they are compared with the input; None (the
-    default) when the run has one. Measured on 48 lesion subjects, two training runs, both halves:
-    AUPRC and best Dice higher in every case (``benchmarks/anomaly.py``, README);
+    default) when the run has one. Measured on 48 lesion subjects: calibrated and raw healing score alike
+    (``benchmarks/anomaly.py``, README), so one decoding path serves ``synth`` and healing;
     ``normalize``: residuals (the healed one and the reconstruction baseline's) become per-voxel
     z-scores against the reconstruction residuals of healthy held-out scans (:func:`residual_reference`),
     clipped at 0: a VQ-VAE errs most where anatomy varies (tissue borders, the cortex), and a raw

@@ -66,7 +66,7 @@ def _outputs(out_dir: Path, count: int, dims: int, fmt: str = "nifti") -> list[l
     return [[out_dir / f"synth_{i:04d}{ext}" for ext in kinds] for i in range(count)]
 
 
-def _intensity(r: Any, cls: int | None) -> dict:
+def sample_intensity(r: Any, cls: int | None) -> dict:
     """The training data's intensity range to map [0, 1] samples back to: the sampled modality's own
     when the run pools modalities and conditions on them (T1 and T2 ranges differ), else the run's."""
     inten = r.info.get("intensity") or {"lo": [0.0], "hi": [1.0]}
@@ -163,7 +163,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
              for i in range(count)]
     done = set() if overwrite else {i for i in range(count) if _complete(files[i], sidecar_of(i))}
     marker = out_dir / INPROGRESS
-    ours = _read_json(marker) == {**prov, "count": count}  # an interrupted run of this same command
+    ours = read_json(marker) == {**prov, "count": count}  # an interrupted run of this same command
     todo = [i for i in range(count) if i not in done]
     _check_out_dir(out_dir, [p for i in todo for p in files[i]] + ([out_dir / "grid.png"] if dims == 2 else []),
                    overwrite or ours)
@@ -195,7 +195,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                 side = sidecar_of(i)
                 if dims == 3:
                     affine = D.synth_geometry(r.preprocess, xi.shape[1:])
-                    vol = D.to_intensity(xi, _intensity(r, side["class"]))
+                    vol = D.to_intensity(xi, sample_intensity(r, side["class"]))
                     arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
                     for p in images_of[i]:
                         if p.name.endswith(".nii.gz"):
@@ -227,7 +227,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
 INPROGRESS = ".synth-in-progress.json"
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent or not JSON (sidecars, markers)."""
     import json
 
     try:
@@ -241,7 +242,27 @@ def _complete(paths: list[Path], sidecar: dict) -> bool:
     def there(p: Path) -> bool:  # a file, or a DICOM series folder (it appears whole: see dicomout)
         return p.is_file() or (p.is_dir() and any(p.glob("*.dcm")))
 
-    return all(there(p) for p in paths) and _read_json(paths[-1]) == json_roundtrip(sidecar)
+    return all(there(p) for p in paths) and read_json(paths[-1]) == json_roundtrip(sidecar)
+
+
+def read_sample(path: Path, r: Any) -> tuple[np.ndarray, int | None]:
+    """A NIfTI sample ``mrivq synth`` wrote for run ``r``, back in the model's [0, 1] space (``[C, *grid]``):
+    the exact inverse of the intensity mapping it was written with (its sidecar's class, if any); with
+    that class."""
+    from mrivq.data.intensity import intensity_range
+    from mrivq.io import load_volume
+
+    path = Path(path)
+    arr, _ = load_volume(path)
+    meta = read_json(path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json"))
+    c = meta.get("class") if isinstance(meta, dict) else None
+    c = c if isinstance(c, int) else None
+    x = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
+    lo, hi = intensity_range(sample_intensity(r, c))
+    if len(x) != len(lo):
+        raise MrivqError(f"sample {path.name} has {len(x)} channel(s) but run {r.path.name} has {len(lo)}")
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return ((x - lo.reshape(shape)) / np.maximum(hi - lo, 1e-12).reshape(shape)).astype(np.float32), c
 
 
 def json_roundtrip(d: dict) -> Any:

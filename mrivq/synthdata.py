@@ -102,26 +102,16 @@ class SyntheticDataset(Dataset):
         return x, c
 
     def _read(self, r: Any, i: int) -> tuple[np.ndarray, int | None]:
-        from mrivq.data.intensity import intensity_range
-        from mrivq.io import load_volume
-        from mrivq.synth import _intensity, _read_json
+        from mrivq.synth import read_sample
 
         assert self.files is not None
-        arr, _ = load_volume(self.files[i])
-        side = self.files[i].with_name(self.files[i].name.removesuffix(".nii.gz").removesuffix(".nii") + ".json")
-        meta = _read_json(side)
-        c = meta.get("class") if isinstance(meta, dict) else None
-        x = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
-        lo, hi = intensity_range(_intensity(r, c))  # back to the model's 0-1 scale
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        x = (x - lo.reshape(shape)) / np.maximum(hi - lo, 1e-12).reshape(shape)
-        return x.astype(np.float32), c
+        return read_sample(self.files[i], r)
 
     def __getitem__(self, i: int) -> dict:
         from monai.data import MetaTensor
 
         from mrivq import data as D
-        from mrivq.synth import _intensity
+        from mrivq.synth import sample_intensity
 
         i = int(i)
         if not -self.n <= i < self.n:
@@ -130,7 +120,7 @@ class SyntheticDataset(Dataset):
         r = self._load()
         x, c = self._read(r, i) if self.files is not None else self._sample(r, i)
         if self.intensity == "original":
-            x = D.to_intensity(x, _intensity(r, c))
+            x = D.to_intensity(x, sample_intensity(r, c))
         affine = D.synth_geometry(r.preprocess, x.shape[1:])
         image = MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(affine, dtype=torch.float64),
                            meta={"filename_or_obj": f"synth_{i:04d}"})  # SaveImage names files by it

@@ -93,6 +93,12 @@ def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, sam
                  str(tmp_path / "d.json"), "--no-controls")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "d.json").read_text())["n_real"] == 4
+    # DICOM series as the samples (another model's output, say): through the run's preprocessing
+    res = invoke("eval", "--run", str(run), "--samples", str(dcm), "--real", str(nifti), "--json",
+                 str(tmp_path / "ds.json"), "--no-controls")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "ds.json").read_text())
+    assert m["n_synth"] == 4 and m["sample_paths"] == {"synth_grid": 0, "preprocessed": 4}
 
 
 def test_samples_read_back_exactly_and_any_other_volume_is_preprocessed(run: Path, root: Path, tmp_path: Path) -> None:

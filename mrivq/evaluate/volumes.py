@@ -142,9 +142,9 @@ def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = Non
 
 def sidecar(path: Path) -> dict | None:
     """The JSON sidecar ``mrivq synth`` writes beside a sample (``NAME.json``), if there is one."""
-    from mrivq.synth import _read_json
+    from mrivq.synth import read_json
 
-    side = _read_json(Path(path).parent / (Path(path).name.split(".")[0] + ".json"))
+    side = read_json(Path(path).parent / (Path(path).name.split(".")[0] + ".json"))
     return side if isinstance(side, dict) else None
 
 
@@ -170,33 +170,13 @@ def on_synth_grid(path: Path, run: Any) -> bool:
     return bool(want) and shape == want[:3] and np.allclose(img.affine, synth_geometry(run.preprocess, want), atol=1e-3)
 
 
-def read_synth_grid(path: Path, run: Any) -> np.ndarray:
-    """A volume written on the run's synth grid, back in the model's [0, 1] space: the exact inverse of
-    :func:`mrivq.data.to_intensity` with the range synth wrote it with (its sidecar's class, if any),
-    so a sample is compared with the real scans as the decoder produced it (re-scaling it by its own
-    percentiles over the padded grid would give it another path than the real scans took)."""
-    import nibabel as nib
-
-    from mrivq.data import intensity_range
-    from mrivq.synth import _intensity
-
-    side = sidecar(path)
-    cls = side.get("class") if side else None
-    lo, hi = intensity_range(_intensity(run, cls if isinstance(cls, int) else None))
-    a = np.asarray(nib.load(str(path)).dataobj, np.float64)
-    a = a[None] if a.ndim == 3 else np.moveaxis(a, -1, 0)
-    if len(a) != len(lo):
-        raise MrivqError(f"sample {path.name} has {len(a)} channel(s) but run {run.path.name} has {len(lo)}")
-    shape = (-1,) + (1,) * (a.ndim - 1)
-    return np.clip((a - lo.reshape(shape)) / np.maximum(hi - lo, 1e-12).reshape(shape), 0, 1).astype(np.float32)
-
-
 def load_samples(folder: Path, run: Any, progress: Any = None) -> tuple[VolumeSet, dict]:
     """The samples in ``folder`` (NIfTI files, else DICOM series) on the run's grid: volumes ``mrivq synth``
-    wrote for this grid are read back exactly (:func:`read_synth_grid`), any other (another model's
+    wrote for this grid are read back exactly (:func:`mrivq.synth.read_sample`), any other (another model's
     samples, real scans) goes through the run's preprocessing. Returns the set and how many took each
     path (``{"synth_grid": n, "preprocessed": m}``)."""
     from mrivq.progress import silent
+    from mrivq.synth import read_sample
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -212,8 +192,8 @@ def load_samples(folder: Path, run: Any, progress: Any = None) -> tuple[VolumeSe
     arrays, names, paths = [], [], {"synth_grid": 0, "preprocessed": 0}
     with (progress or silent()).task("load samples", total=len(files), unit="vol") as bar:
         for f in files:
-            if on_synth_grid(f, run):
-                arrays.append(read_synth_grid(f, run))
+            if on_synth_grid(f, run):  # as the decoder wrote it (not re-scaled by its own percentiles)
+                arrays.append(read_sample(f, run)[0])
                 paths["synth_grid"] += 1
             else:
                 arrays.append(_transform_source({"path": str(f)}, f.name, run.preprocess))
@@ -231,12 +211,12 @@ def write_as_samples(x: np.ndarray, run: Any, folder: Path, prefix: str = "contr
     from mrivq import data as D
     from mrivq.io import save_nifti
     from mrivq.runs import write_json
-    from mrivq.synth import _intensity
+    from mrivq.synth import sample_intensity
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, v in enumerate(x):
-        vol = D.to_intensity(v, _intensity(run, None))
+        vol = D.to_intensity(v, sample_intensity(run, None))
         p = folder / f"{prefix}_{i:04d}.nii.gz"
         arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
         save_nifti(arr, D.synth_geometry(run.preprocess, v.shape[1:]), p)
