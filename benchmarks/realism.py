@@ -180,7 +180,7 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0, lr: float |
               "transformer_final_loss": loss,
               "transformer": "DecoderOnlyTransformer 64 wide, 4 layers, 4 heads, use_flash_attention (torch SDPA)",
               "vqvae": "monai.networks.nets.VQVAE, decay 0.5 (MONAI default)", "budget_seconds": budgets,
-              "vqvae_lr": float(tr.get("lr", 1e-3)), "vqvae_loss": loss}
+              "vqvae_lr": float(tr.get("lr", 1e-3)), "vqvae_loss": recon.__name__.removesuffix("_loss")}
     return {"vqvae": vq, "transformer": tf, "ordering": ordering, "latent": latent, "start_token": k,
             "record": record}
 
