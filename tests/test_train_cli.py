@@ -46,21 +46,31 @@ def invoke(*args: str) -> Result:
 
 
 @pytest.fixture(scope="module")
-def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def phantom_root(pristine_phantom_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own copy of the session's tiny phantom (``mrivq fetch phantom --count 6 --shape 32 32 32
+    --spacing 6``)."""
+    import shutil
+
     root = tmp_path_factory.mktemp("data")
-    res = invoke("fetch", "phantom", "--root", str(root), "--count", "6", "--shape", "32", "32", "32",
-                 "--spacing", "6")
-    assert res.exit_code == 0, res.output
+    shutil.copytree(pristine_phantom_run[0], root, dirs_exist_ok=True)
     assert (root / "phantom" / "manifest.csv").is_file()
     return root
 
 
 @pytest.fixture(scope="module")
-def trained_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_run(phantom_root: Path, pristine_phantom_run: tuple[Path, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own copy of the session's tiny run (8 VQ-VAE and 6 prior steps on the phantom),
+    pointing at this module's ``phantom_root``, as if it had been trained there."""
+    import shutil
+
+    from mrivq.runs import write_json
+
     run = tmp_path_factory.mktemp("runs") / "r1"
-    res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
-                 "--out", str(run), "--device", "cpu", "--max-steps", "8", "--prior-max-steps", "6", *TINY)
-    assert res.exit_code == 0, res.output
+    shutil.copytree(pristine_phantom_run[1], run)
+    info = json.loads((run / "run.json").read_text())
+    assert info["data_dir"] == str(pristine_phantom_run[0] / "phantom")
+    write_json(run / "run.json", {**info, "data_dir": str(phantom_root / "phantom")})
     return run
 
 
