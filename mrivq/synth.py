@@ -245,6 +245,12 @@ def _complete(paths: list[Path], sidecar: dict) -> bool:
     return all(there(p) for p in paths) and read_json(paths[-1]) == json_roundtrip(sidecar)
 
 
+def read_sidecar(path: Path) -> Any:
+    """The JSON sidecar ``mrivq synth`` writes beside a NIfTI sample (``NAME.json``), or None."""
+    path = Path(path)
+    return read_json(path.with_name(path.name.removesuffix(".gz").removesuffix(".nii") + ".json"))
+
+
 def read_sample(path: Path, r: Any) -> tuple[np.ndarray, int | None]:
     """A NIfTI sample ``mrivq synth`` wrote for run ``r``, back in the model's [0, 1] space (``[C, *grid]``):
     the exact inverse of the intensity mapping it was written with (its sidecar's class, if any); with
@@ -254,7 +260,7 @@ def read_sample(path: Path, r: Any) -> tuple[np.ndarray, int | None]:
 
     path = Path(path)
     arr, _ = load_volume(path)
-    meta = read_json(path.with_name(path.name.removesuffix(".nii.gz").removesuffix(".nii") + ".json"))
+    meta = read_sidecar(path)
     c = meta.get("class") if isinstance(meta, dict) else None
     c = c if isinstance(c, int) else None
     x = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]

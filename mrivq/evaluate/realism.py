@@ -194,9 +194,9 @@ def _samples_calibrated(files: list[Path]) -> bool:
     """Whether the samples went through the run's intensity calibration: their synth sidecars say
     so (one from before calibrations existed: no); files without sidecars (not written by ``mrivq
     synth``) are taken as synth's default."""
-    from mrivq.synth import read_json
+    from mrivq.synth import read_sidecar
 
-    said = [read_json(f.parent / (f.name.split(".")[0] + ".json")) for f in files]
+    said = [read_sidecar(f) for f in files]
     # a sidecar from before calibrations existed has no such key: raw output
     said = [d.get("calibration", "none") for d in said if isinstance(d, dict)]
     return any(v != "none" for v in said) if said else True

@@ -140,14 +140,6 @@ def load_spec(spec: str, run: Any, root: Path | None = None, progress: Any = Non
     return load_dataset(name, split or "all", run, root, progress, splits)
 
 
-def sidecar(path: Path) -> dict | None:
-    """The JSON sidecar ``mrivq synth`` writes beside a sample (``NAME.json``), if there is one."""
-    from mrivq.synth import read_json
-
-    side = read_json(Path(path).parent / (Path(path).name.split(".")[0] + ".json"))
-    return side if isinstance(side, dict) else None
-
-
 def on_synth_grid(path: Path, run: Any) -> bool:
     """Whether NIfTI ``path`` is a sample written for ``run``'s grid: a synth sidecar beside it (which says
     how it was decoded) and the run's image shape and synth affine. Such volumes are read back exactly;
@@ -156,9 +148,10 @@ def on_synth_grid(path: Path, run: Any) -> bool:
     import nibabel as nib
 
     from mrivq.data import synth_geometry
+    from mrivq.synth import read_sidecar
 
-    side = sidecar(path)
-    if side is None or "calibration" not in side:
+    side = read_sidecar(path)
+    if not isinstance(side, dict) or "calibration" not in side:
         return False
 
     try:
