@@ -50,10 +50,16 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
 
     from benchmarks.realism import stage_seconds, train_monai
     from mrivq import data as D
-    from mrivq.evaluate.anomaly import anomaly_metrics
-    from mrivq.evaluate.detect import brain_values_of, calibrated_threshold, lesion_items, split_items, truth_and_region
-    from mrivq.heal import _smooth
-    from mrivq.runs import load_run
+    from mrivq.evaluate.anomaly import (
+        brain_values_of,
+        calibrated_threshold,
+        lesion_items,
+        split_items,
+        truth_and_region,
+    )
+    from mrivq.inference.heal import _smooth
+    from mrivq.metrics.anomaly import anomaly_metrics
+    from mrivq.runs.run import load_run
 
     r = load_run(run)
     m = train_monai(run, stage_seconds(run), seed)
@@ -117,8 +123,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    from mrivq.evaluate.detect import evaluate_anomaly
-    from mrivq.heal import HealOptions
+    from mrivq.evaluate.anomaly import evaluate_anomaly
+    from mrivq.inference.heal import HealOptions
 
     work = args.work or Path(tempfile.mkdtemp(prefix="mrivq-anomaly-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ from benchmarks.common import emit  # noqa: E402
 
 
 def fill(root: Path, dtype: str, workers: int, cache: str) -> dict:
-    from mrivq import config as C
     from mrivq import data as D
+    from mrivq.config import presets as C
 
     cfg = C.load_preset("vqvae3d-t1")
     pre = D.Preprocess.from_dict({**cfg["data"], "modalities": ["t1"]})

@@ -530,9 +530,9 @@ class Checks:
 
     # 6
     def sampling(self) -> dict:
-        from mrivq.config import load_preset
+        from mrivq.config.presets import load_preset
+        from mrivq.inference.sampling import sample_tokens
         from mrivq.models.pixelcnn import GatedPixelCNN
-        from mrivq.sampling import sample_tokens
 
         p, dev = self.plan, self.dev
         arch = dict(load_preset("prior3d-t1")["prior"]["model"])
@@ -543,7 +543,7 @@ class Checks:
             return GatedPixelCNN(3, codes, latent_shape=(size,) * 3, **arch).to(dev).eval()
 
         res: dict[str, Any] = {"prior": {**arch, "num_embeddings": codes, "preset": "prior3d-t1"},
-                               "sampler": "mrivq.sampling.sample_tokens(cached=True), seed 0, random-init prior",
+                               "sampler": "mrivq.inference.sampling.sample_tokens(cached=True), seed 0, random-init prior",
                                "results": []}
         g = p.check_grid
         small = make(g)

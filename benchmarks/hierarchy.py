@@ -31,7 +31,8 @@ from benchmarks.realism import KEEP, write_volumes  # noqa: E402
 def fit(model: torch.nn.Module, tcfg: dict, steps: int, n: int, loss_fn, label: str) -> dict:
     """``mrivq train``'s recipe by hand: Adam, warm-up + cosine (``lr_lambda``), gradient clipping,
     batches ``batch_indices(step)``; ``loss_fn(ids)`` returns the batch's loss."""
-    from mrivq.loop import batch_indices, lr_lambda
+    from mrivq.data.split import batch_indices
+    from mrivq.training.loop import lr_lambda
 
     torch.manual_seed(int(tcfg.get("seed", 0)))
     opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
@@ -65,13 +66,13 @@ def main() -> None:
     args = ap.parse_args()
     from monai.metrics import PSNRMetric
 
-    from mrivq.builders import PRIOR_TRAIN_DEFAULTS, TRAIN_DEFAULTS
+    from mrivq.config.defaults import PRIOR_TRAIN_DEFAULTS, TRAIN_DEFAULTS
+    from mrivq.data.split import load_split
     from mrivq.evaluate import evaluate_realism
+    from mrivq.inference.sampling import sample_tokens
     from mrivq.models.hierarchy import VQVAE2, CoarseConditionedPixelCNN
     from mrivq.models.pixelcnn import GatedPixelCNN
-    from mrivq.runs import load_run
-    from mrivq.sampling import sample_tokens
-    from mrivq.split import load_split
+    from mrivq.runs.run import load_run
 
     r = load_run(args.run)
     cfg, info = r.config, r.info

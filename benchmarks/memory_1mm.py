@@ -45,7 +45,7 @@ def saved_bytes(fn, x: torch.Tensor) -> int:
 
 
 def measure(scale: float, bf16: bool) -> dict:
-    from mrivq import config as C
+    from mrivq.config import presets as C
     from mrivq.models.vqvae import VQVAE
 
     cfg = C.load_preset("vqvae3d-t1-1mm")

@@ -8,7 +8,7 @@ the grid's padding only, as a decoder writes there), ``offset`` (+0.002 everywhe
 Gaussian noise), ``blur`` (a 0.5-voxel Gaussian blur) and ``mean_volume`` (the mean training scan
 repeated: no diversity at all). Columns: the C2ST as it used to be computed (a logistic regression on
 block means standardised over both sets pooled, plain accuracy's binomial p-value) beside the anatomy and
-texture C2STs and the multi-bandwidth MMD of :mod:`mrivq.evaluate.twosample`, each with its permutation
+texture C2STs and the multi-bandwidth MMD of :mod:`mrivq.metrics.twosample`, each with its permutation
 p-value, and diversity (pairwise MS-SSIM).
 """
 
@@ -76,10 +76,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
 
-    from mrivq.evaluate import metrics as M
-    from mrivq.evaluate import twosample as TS
     from mrivq.evaluate.volumes import load_samples, load_spec, write_as_samples
-    from mrivq.runs import load_run
+    from mrivq.metrics import realism as M
+    from mrivq.metrics import twosample as TS
+    from mrivq.runs.run import load_run
 
     r = load_run(args.run)
     name = r.info["dataset"]

@@ -308,7 +308,7 @@ def evaluate(run_dir: Path, files: Path, data_dir: Path, batch: int = 500) -> di
 
     import mrivq
     from mrivq import data as D
-    from mrivq.layouts.idx import read_idx
+    from mrivq.datasets.layouts.idx import read_idx
 
     run = mrivq.load_run(run_dir)
     model = run.vqvae

@@ -43,7 +43,7 @@ def copy_stage1(run: Path, dst: Path, model: dict, train: dict) -> None:
     prior = cfg.setdefault("prior", {})
     base = prior.get("model", {})
     if model.get("family", "pixelcnn") != base.get("family", "pixelcnn"):  # another family: its own options only
-        from mrivq.builders import FAMILY_ONLY
+        from mrivq.models.factory import FAMILY_ONLY
 
         base = {k: v for k, v in base.items() if k not in FAMILY_ONLY[base.get("family", "pixelcnn")]}
     prior["model"] = {**base, **model}
@@ -76,7 +76,8 @@ def step_cost(run: Path, steps: int, batch: int = 8) -> float:
     import torch.nn.functional as F
 
     from mrivq.models.maskgit import masked_token_loss, random_masks
-    from mrivq.runs import codes_path, load_run
+    from mrivq.runs.folder import codes_path
+    from mrivq.runs.run import load_run
 
     prior = load_run(run, need_prior=True).prior.train()
     codes = torch.load(codes_path(run), weights_only=True)["train"][:batch].long()
@@ -109,8 +110,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
     from mrivq.evaluate import evaluate_realism
-    from mrivq.runs import load_run
-    from mrivq.synth import synthesize
+    from mrivq.inference.synth import synthesize
+    from mrivq.runs.run import load_run
 
     dataset = load_run(args.run).info["dataset"]
     rows = {}

@@ -93,9 +93,9 @@ def write_volumes(r, vols: np.ndarray, out: Path, calibration: str = "none") -> 
 def recon_row(run: Path, count: int, out: Path, which: str = "best", calibrate: bool = True) -> None:
     """The ``which`` checkpoint's reconstructions of ``count`` training scans, through the run's
     calibration when ``calibrate`` (as synth decodes), written as NIfTI."""
-    from mrivq.calibration import describe
-    from mrivq.runs import load_run
-    from mrivq.train import load_split
+    from mrivq.data.split import load_split
+    from mrivq.models.calibration import describe
+    from mrivq.runs.run import load_run
 
     r = load_run(run, which=which)
     sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
@@ -135,8 +135,8 @@ def train_monai(run: Path, budgets: dict[str, float], seed: int = 0, lr: float |
     from monai.networks.nets import VQVAE, DecoderOnlyTransformer
     from monai.utils.ordering import Ordering, OrderingType
 
-    from mrivq.runs import load_run
-    from mrivq.train import load_split
+    from mrivq.data.split import load_split
+    from mrivq.runs.run import load_run
 
     torch.manual_seed(seed)
     r = load_run(run)
@@ -190,7 +190,7 @@ def monai_row(run: Path, budgets: dict[str, float], count: int, out: Path, seed:
     ``lr``, ``loss``); sample ``count`` volumes."""
     from monai.inferers import VQVAETransformerInferer
 
-    from mrivq.runs import load_run
+    from mrivq.runs.run import load_run
 
     m = train_monai(run, budgets, seed, **kw)
     k, latent = m["start_token"], m["latent"]
@@ -220,12 +220,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    from mrivq.synth import synthesize
+    from mrivq.inference.synth import synthesize
 
     work = args.work or Path(tempfile.mkdtemp(prefix="mrivq-realism-"))
     work.mkdir(parents=True, exist_ok=True)
     run = args.run or quickstart_run(work / "run", work / "data")
-    from mrivq.runs import load_run
+    from mrivq.runs.run import load_run
 
     info = load_run(run).info
     budgets = stage_seconds(run)

@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # synth_throughp
 
 from synth_throughput import PAIRS, measure  # noqa: E402
 
+from mrivq.inference.sampling import _uniforms, pick, sample_tokens  # noqa: E402
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
-from mrivq.sampling import _uniforms, pick, sample_tokens  # noqa: E402
 
 
 def log(*a: Any) -> None:

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from mrivq.config import load_preset  # noqa: E402
+from mrivq.config.presets import load_preset  # noqa: E402
+from mrivq.inference.sampling import sample_tokens  # noqa: E402
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
 from mrivq.models.vqvae import VQVAE  # noqa: E402
-from mrivq.sampling import sample_tokens  # noqa: E402
 
 PAIRS = [("vqvae3d-cpu", "prior3d-cpu"), ("vqvae3d-t1", "prior3d-t1")]
 

@@ -39,7 +39,7 @@ N_CODES = 512
 def load_volumes(n: int, first: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
     """``n`` phantom T1 volumes [n, 1, *shape], each scaled by its 99.5th percentile into [0, 1]."""
     try:
-        from mrivq.phantom import generate_subject
+        from mrivq.datasets.phantom import generate_subject
     except ImportError:  # stand-in while the phantom is not there: smooth random blobs
         g = torch.Generator().manual_seed(first)
         vols = F.interpolate(torch.rand(n, 1, *(max(2, s // 8) for s in shape), generator=g), size=shape,
@@ -49,7 +49,7 @@ def load_volumes(n: int, first: int, shape: tuple[int, ...]) -> tuple[torch.Tens
     for i in range(first, first + n):
         v = generate_subject(i, seed=0, shape=shape, spacing=3.0, modalities=("t1",))["t1"]
         vols.append(np.clip(v / max(float(np.percentile(v, 99.5)), 1e-6), 0, 1))
-    return torch.from_numpy(np.stack(vols)[:, None]).float(), "mrivq.phantom t1"
+    return torch.from_numpy(np.stack(vols)[:, None]).float(), "mrivq.datasets.phantom t1"
 
 
 def build(name: str, overrides: dict) -> torch.nn.Module:

@@ -24,12 +24,12 @@ _LAZY = {
     "VectorQuantizerEMA": ("mrivq.models.quantizer", "VectorQuantizerEMA"),
     "GatedPixelCNN": ("mrivq.models.pixelcnn", "GatedPixelCNN"),
     "MaskedTokenPrior": ("mrivq.models.maskgit", "MaskedTokenPrior"),
-    "sample_tokens": ("mrivq.sampling", "sample_tokens"),
-    "load_run": ("mrivq.runs", "load_run"),
+    "sample_tokens": ("mrivq.inference.sampling", "sample_tokens"),
+    "load_run": ("mrivq.runs.run", "load_run"),
     "evaluate_realism": ("mrivq.evaluate.realism", "evaluate_realism"),
     "realism_metrics": ("mrivq.evaluate.realism", "realism_metrics"),
-    "MrivqError": ("mrivq.errors", "MrivqError"),
-    "SyntheticDataset": ("mrivq.synthdata", "SyntheticDataset"),
+    "MrivqError": ("mrivq.utils.errors", "MrivqError"),
+    "SyntheticDataset": ("mrivq.inference.synthetic_dataset", "SyntheticDataset"),
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -1,3 +1,3 @@
-from mrivq.cli import main
+from mrivq.cli.app import main
 
 main()

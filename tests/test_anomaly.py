@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 
 
@@ -65,7 +65,7 @@ def _lesion_subject(root: Path, kind: str) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def twin_root(lesion_root: Path) -> Path:
     """The lesion phantoms' healthy twins: the same seed and cohort without lesions."""
-    from mrivq.phantom import LESION_COHORT, write_dataset
+    from mrivq.datasets.phantom import LESION_COHORT, write_dataset
 
     write_dataset(lesion_root / "phantom-s5", count=6, shape=(32, 32, 32), spacing=6.0, seed=5,
                   modalities=("t1",), cohort=LESION_COHORT)
@@ -200,7 +200,7 @@ def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesio
 def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     import torch
 
-    from mrivq.heal import HealOptions, _erode, _fill_holes
+    from mrivq.inference.heal import HealOptions, _erode, _fill_holes
 
     head = torch.zeros(1, 1, 12, 12, 12, dtype=torch.bool)
     head[0, 0, 2:10, 2:10, 2:10] = True
@@ -209,7 +209,7 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     assert filled[0, 0, 5:7, 5:7, 5:7].all() and filled.sum() == 8 ** 3
     eroded = _erode(filled, 1)
     assert eroded.sum() == 6 ** 3 and eroded[0, 0, 2].sum() == 0
-    from mrivq import cli
+    from mrivq.cli import app as cli
 
     assert (cli.HEAL_THRESHOLD, cli.HEAL_SMOOTH) == (HealOptions().threshold, HealOptions().smooth)  # one default
     for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):
@@ -220,8 +220,9 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
 def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
     import torch
 
-    from mrivq.heal import _smooth, nll_reference
-    from mrivq.runs import load_codes, load_run
+    from mrivq.inference.heal import _smooth, nll_reference
+    from mrivq.runs.folder import load_codes
+    from mrivq.runs.run import load_run
 
     img, _ = _lesion_subject(lesion_root, "tumour")
     plain = _heal(trained_run, img, tmp_path / "p.nii.gz")
@@ -264,7 +265,7 @@ class _Halving(__import__("torch").nn.Module):
 def test_residual_reference_is_the_per_voxel_mean_and_sd_of_healthy_residuals() -> None:
     import torch
 
-    from mrivq.heal import MIN_RESIDUAL_STD, residual_reference
+    from mrivq.inference.heal import MIN_RESIDUAL_STD, residual_reference
 
     g = torch.Generator().manual_seed(0)
     vols = torch.rand(5, 2, 4, 5, 6, generator=g)
@@ -288,9 +289,9 @@ def test_normalized_healing_scores_residuals_against_healthy_scans(
 
     import torch
 
-    from mrivq.heal import HealOptions, heal
-    from mrivq.infer import RESIDUAL_REFERENCE_FILE, _prepare, resolve_heal, run_residual_reference
-    from mrivq.runs import load_run
+    from mrivq.inference.files import RESIDUAL_REFERENCE_FILE, _prepare, resolve_heal, run_residual_reference
+    from mrivq.inference.heal import HealOptions, heal
+    from mrivq.runs.run import load_run
 
     img, mask_path = _lesion_subject(lesion_root, "tumour")
     plain = _heal(trained_run, img, tmp_path / "p.nii.gz", "--no-normalize")
@@ -360,9 +361,9 @@ def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_r
     lesion dataset made as it used to be: the healthy phantom's seed and stream) unless --allow-overlap."""
     import shutil
 
-    from mrivq.evaluate.detect import overlapping_subjects
-    from mrivq.phantom import LESION_COHORT, generate_subject
-    from mrivq.runs import load_run
+    from mrivq.datasets.phantom import LESION_COHORT, generate_subject
+    from mrivq.evaluate.anomaly import overlapping_subjects
+    from mrivq.runs.run import load_run
 
     ddir = lesion_root / "phantom-lesions"
     meta = json.loads((ddir / "phantom.json").read_text())
@@ -392,9 +393,9 @@ def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_r
 def test_zscore_reference_is_the_validation_codes(trained_run: Path) -> None:  # noqa: F811
     import torch
 
-    from mrivq.heal import nll_reference
-    from mrivq.infer import RESIDUAL_REFERENCE_MIN, run_nll_reference
-    from mrivq.runs import load_run
+    from mrivq.inference.files import RESIDUAL_REFERENCE_MIN, run_nll_reference
+    from mrivq.inference.heal import nll_reference
+    from mrivq.runs.run import load_run
 
     r = load_run(trained_run, need_prior=True)
     codes = torch.load(trained_run / "codes" / "codes.pt", weights_only=True)

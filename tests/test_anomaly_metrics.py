@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mrivq.errors import MrivqError
-from mrivq.evaluate.anomaly import anomaly_metrics, auprc, auroc, best_dice, dice_at
+from mrivq.metrics.anomaly import anomaly_metrics, auprc, auroc, best_dice, dice_at
+from mrivq.utils.errors import MrivqError
 
 # four voxels: lesion, healthy, lesion, healthy
 SCORES = np.array([0.9, 0.8, 0.7, 0.1])

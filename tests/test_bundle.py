@@ -77,8 +77,8 @@ def test_monai_runs_the_bundle_offline_and_checks_its_network(bundle: Path, trai
 
 
 def test_export_bad_input(bundle: Path, trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
-    from mrivq.bundle import load_bundle
-    from mrivq.errors import RunError
+    from mrivq.inference.bundle import load_bundle
+    from mrivq.utils.errors import RunError
 
     res = invoke("export", "--run", str(trained_run), "--bundle", str(bundle))
     assert res.exit_code == 2 and "already exists" in res.output

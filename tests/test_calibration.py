@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mrivq.calibration import QuantileSketch, apply_quantile_map, describe, fit_quantile_map
+from mrivq.models.calibration import QuantileSketch, apply_quantile_map, describe, fit_quantile_map
 from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 
 
@@ -85,8 +85,9 @@ def _pooled_w1(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_run_fits_it_and_its_reconstructions_match_the_training_histogram(trained_run: Path) -> None:  # noqa: F811
-    from mrivq.runs import codes_path, load_codes, load_run
-    from mrivq.train import load_split
+    from mrivq.data.split import load_split
+    from mrivq.runs.folder import codes_path, load_codes
+    from mrivq.runs.run import load_run
 
     r = load_run(trained_run)
     cal = r.calibration
@@ -128,7 +129,7 @@ def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Pa
 
 
 def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    from mrivq.runs import load_run
+    from mrivq.runs.run import load_run
 
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -152,8 +153,8 @@ def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_pa
 
 def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,  # noqa: F811
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import mrivq.train_prior as tp
-    from mrivq.runs import load_run
+    import mrivq.training.prior as tp
+    from mrivq.runs.run import load_run
 
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -173,8 +174,8 @@ def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,  # 
 
 
 def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
-    from mrivq.bundle import load_bundle
-    from mrivq.runs import load_run
+    from mrivq.inference.bundle import load_bundle
+    from mrivq.runs.run import load_run
 
     res = invoke("export", "--run", str(trained_run), "--bundle", str(tmp_path / "b"), "--num-samples", "1")
     assert res.exit_code == 0, res.output
@@ -185,10 +186,10 @@ def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> No
 
 
 def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> None:  # noqa: F811
-    from mrivq.errors import MrivqError
-    from mrivq.heal import HealOptions, heal
-    from mrivq.runs import load_run
-    from mrivq.train import load_split
+    from mrivq.data.split import load_split
+    from mrivq.inference.heal import HealOptions, heal
+    from mrivq.runs.run import load_run
+    from mrivq.utils.errors import MrivqError
 
     r = load_run(trained_run, need_prior=True)
     split = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info["split"])

@@ -98,7 +98,7 @@ def test_ixi_has_the_published_md5s_and_sizes():
 
 
 def test_cards_load_through_the_catalogue():
-    import mrivq.catalog as catalog
+    import mrivq.datasets.catalog as catalog
     cards = catalog.list_cards()
     by_name = {c.name: c for c in cards}
     assert EXPECTED <= set(by_name)

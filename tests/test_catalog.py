@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import mrivq.catalog as catalog
-from mrivq.catalog import (
+import mrivq.datasets.catalog as catalog
+from mrivq.datasets.catalog import (
     Card,
     dataset_dir,
     download_size,
@@ -18,8 +18,8 @@ from mrivq.catalog import (
     list_cards,
     load_card,
 )
-from mrivq.errors import CardError
-from mrivq.paths import cards_dir
+from mrivq.utils.errors import CardError
+from mrivq.utils.paths import cards_dir
 
 MD5 = "0" * 32
 SHA = "a" * 64

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrivq import config as C
-from mrivq.errors import MrivqError
-from mrivq.loop import resolve_device
-from mrivq.paths import default_root, resolve_root
+from mrivq.config import presets as C
+from mrivq.utils.device import resolve_device
+from mrivq.utils.errors import MrivqError
+from mrivq.utils.paths import default_root, resolve_root
 from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_wheel_ships_cards_and_presets(tmp_path: Path) -> None:
 
 
 def test_1mm_presets_build_with_their_code_grid() -> None:
-    from mrivq.builders import build_prior, build_vqvae
+    from mrivq.models.factory import build_prior, build_vqvae
 
     cfg = C.load_preset("vqvae3d-t1-1mm")
     assert cfg["data"]["spacing"] == [1.0, 1.0, 1.0] and cfg["prior_preset"] == "prior3d-t1-1mm"

@@ -9,7 +9,7 @@ import nibabel as nib
 import pytest
 
 from mrivq import data as D
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
 
 

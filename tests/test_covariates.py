@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from mrivq import data as D
-from mrivq.errors import MrivqError
 from mrivq.models.pixelcnn import GatedPixelCNN
+from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
 
 

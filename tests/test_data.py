@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mrivq import data as D  # noqa: E402
-from mrivq.errors import ImageReadError, MrivqError  # noqa: E402
+from mrivq.utils.errors import ImageReadError, MrivqError  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
@@ -633,7 +633,7 @@ def test_dicom_series_folder_round_trip(tmp_path):
     uid1 = write_dicom_series(ds / "P001", vol1, aff, prefix="A", desc="T1")
     write_dicom_series(ds / "P001", quantised_volume((20, 18, 7), seed=2), aff, prefix="B", desc="T2")
     write_dicom_series(ds / "P002", quantised_volume((20, 18, 9), seed=3), aff, desc="T1")
-    from mrivq.io import load_volume
+    from mrivq.io.images import load_volume
 
     ref, ref_aff = load_volume(ds / "P002")
     # a folder holding one series goes through preprocess_file / restore like a NIfTI file
@@ -650,7 +650,7 @@ def test_dicom_series_folder_round_trip(tmp_path):
 def test_memory_cache_with_threads_reports_progress(tmp_path):
     import io
 
-    from mrivq.progress import Progress
+    from mrivq.utils.progress import Progress
 
     ds = tmp_path / "ds"
     rows = make_volume_dataset(ds, n=3)

@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrivq.dicomout import PATIENT_NAME, save_dicom_series
-from mrivq.errors import MrivqError
-from mrivq.io import read_dicom_series
+from mrivq.io.dicom_out import PATIENT_NAME, save_dicom_series
+from mrivq.io.images import read_dicom_series
+from mrivq.utils.errors import MrivqError
 from tests.test_io import oblique_affine
 from tests.test_train_cli import invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 

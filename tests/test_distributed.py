@@ -106,7 +106,7 @@ def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
     driver.write_text(
         "import os, sys\n"
         "import mrivq.split as S\n"
-        "from mrivq.errors import MrivqError\n"
+        "from mrivq.utils.errors import MrivqError\n"
         "calls = {'n': 0}\n"
         "orig = S.collate_items\n"
         "def failing(*a, **k):\n"
@@ -115,7 +115,7 @@ def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
         "        raise MrivqError('injected failure')\n"
         "    return orig(*a, **k)\n"
         "S.collate_items = failing\n"
-        "from mrivq.cli import main\n"
+        "from mrivq.cli.app import main\n"
         "sys.argv = ['mrivq', *sys.argv[1:]]\n"
         "main()\n")
     res = _train(root, tmp_path / "fail", 2, "--max-steps", "40", script=[str(driver)], check=False)

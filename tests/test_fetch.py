@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 import yaml
 
-import mrivq.layouts
-from mrivq.archive import safe_extract
-from mrivq.catalog import Card, get_card, load_card
-from mrivq.errors import ChecksumError, MrivqError, UnsafeArchiveError
-from mrivq.fetch import FetchResult, fetch
+import mrivq.datasets.layouts
+from mrivq.datasets.archive import safe_extract
+from mrivq.datasets.catalog import Card, get_card, load_card
+from mrivq.datasets.fetch import FetchResult, fetch
+from mrivq.utils.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from tests.httpserver import FileServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,12 +130,12 @@ TINY = SimpleNamespace(scan=_tiny_scan, prepare=_tiny_prepare)
 
 def use_tiny_layout() -> None:
     """Make every layout name resolve to TINY (also called from the subprocess scripts below)."""
-    mrivq.layouts.get_layout = lambda name: TINY
+    mrivq.datasets.layouts.get_layout = lambda name: TINY
 
 
 @pytest.fixture
 def tiny(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
-    monkeypatch.setattr(mrivq.layouts, "get_layout", lambda name: TINY)
+    monkeypatch.setattr(mrivq.datasets.layouts, "get_layout", lambda name: TINY)
     PREPARED.clear()
     return TINY
 
@@ -180,7 +180,7 @@ def test_whole_fetch_extracts_verifies_and_writes_manifest(tiny, http_server, da
 
 
 def test_progress_gets_one_bar_per_download(tiny, http_server, data_root, two_tars) -> None:
-    from mrivq.progress import Progress
+    from mrivq.utils.progress import Progress
 
     card, t1, t2 = two_tars
     stream = io.StringIO()
@@ -254,8 +254,8 @@ def _kill_script(card_path: Path, root: Path) -> str:
         sys.path.insert(0, {str(REPO)!r})
         from tests.test_fetch import use_tiny_layout
         use_tiny_layout()
-        from mrivq.catalog import load_card
-        from mrivq.fetch import fetch
+        from mrivq.datasets.catalog import load_card
+        from mrivq.datasets.fetch import fetch
         fetch(load_card({str(card_path)!r}), {str(root)!r}, modalities=["t1"], backoff=0.001)
         """)
 
@@ -673,8 +673,8 @@ def _concurrent_script(card_path: Path, root: Path, out: Path) -> str:
         sys.path.insert(0, {str(REPO)!r})
         from tests.test_fetch import use_tiny_layout
         use_tiny_layout()
-        from mrivq.catalog import load_card
-        from mrivq.fetch import fetch
+        from mrivq.datasets.catalog import load_card
+        from mrivq.datasets.fetch import fetch
         res = fetch(load_card({str(card_path)!r}), {str(root)!r}, backoff=0.001)
         open({str(out)!r}, "w").write(json.dumps({{"complete": res.already_complete, "rows": res.rows}}))
         """)
@@ -722,7 +722,7 @@ def _import_or_skip(mod: str):
 
 
 def test_ixi_named_tar_with_real_ixi_layout(http_server, data_root, tmp_path) -> None:
-    _import_or_skip("mrivq.layouts.ixi")
+    _import_or_skip("mrivq.datasets.layouts.ixi")
     names = {"t1": ["IXI002-Guys-0828-T1.nii.gz", "IXI012-HH-1211-T1.nii.gz"],
              "t2": ["IXI002-Guys-0828-T2.nii.gz"]}
     files = []
@@ -739,7 +739,7 @@ def test_ixi_named_tar_with_real_ixi_layout(http_server, data_root, tmp_path) ->
 
 
 def test_nifti_folder_layout(http_server, data_root, tmp_path) -> None:
-    _import_or_skip("mrivq.layouts.nifti_folder")
+    _import_or_skip("mrivq.datasets.layouts.nifti_folder")
     data = tar_bytes({f"scans/s{i}.nii.gz": nifti_bytes(seed=i) for i in range(3)})
     card = make_card(tmp_path, [entry(http_server, "scans.tar", data)], modalities=["t1"],
                      options={"modality": "t1"})
@@ -749,7 +749,7 @@ def test_nifti_folder_layout(http_server, data_root, tmp_path) -> None:
 
 
 def test_phantom_builtin(data_root) -> None:
-    phantom = _import_or_skip("mrivq.phantom")
+    phantom = _import_or_skip("mrivq.datasets.phantom")
     assert hasattr(phantom, "write_dataset")
     card = get_card("phantom")
     opts = {"count": 2, "shape": (32, 32, 32), "spacing": 4.0, "seed": 1}

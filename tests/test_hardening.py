@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
-from mrivq.errors import user_message
+from mrivq.utils.errors import user_message
 from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401 (fixtures)
 
 AFF = np.diag([6.0, 6.0, 6.0, 1.0])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from mrivq.inference.sampling import sample_tokens
 from mrivq.models.hierarchy import VQVAE2, CoarseConditionedPixelCNN
-from mrivq.sampling import sample_tokens
 
 SHAPE, TOP = (4, 6, 4), (2, 3, 2)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pydicom  # noqa: E402
 import pytest
 
-from mrivq.errors import ImageReadError
-from mrivq.io import load_volume, read_dicom_series, save_nifti, save_png, to_uint8
+from mrivq.io.images import load_volume, read_dicom_series, save_nifti, save_png, to_uint8
+from mrivq.utils.errors import ImageReadError
 
 # ------------------------------------------------------------------------------------------ helpers
 

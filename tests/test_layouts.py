@@ -14,12 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrivq.errors import CardError, ImageReadError, MrivqError
-from mrivq.io import load_volume, save_nifti
-from mrivq.layouts import KNOWN, get_layout
-from mrivq.layouts.cifar import read_cifar_batch
-from mrivq.layouts.idx import read_idx
-from mrivq.layouts.ixi import demographics_from_rows
+from mrivq.datasets.layouts import KNOWN, get_layout
+from mrivq.datasets.layouts.cifar import read_cifar_batch
+from mrivq.datasets.layouts.idx import read_idx
+from mrivq.datasets.layouts.ixi import demographics_from_rows
+from mrivq.io.images import load_volume, save_nifti
+from mrivq.utils.errors import CardError, ImageReadError, MrivqError
 
 
 def card(layout: str, modalities=(), **options) -> SimpleNamespace:
@@ -403,9 +403,9 @@ def test_phantom_layout_rows_labels_and_covariates(tmp_path):
 
 
 def test_phantom_layout_reads_what_write_dataset_writes(tmp_path):
-    import mrivq.phantom as phantom
+    import mrivq.datasets.phantom as phantom
     if not hasattr(phantom, "write_dataset"):
-        raise AssertionError("mrivq.phantom.write_dataset is missing")
+        raise AssertionError("mrivq.datasets.phantom.write_dataset is missing")
     import inspect
 
     params = inspect.signature(phantom.write_dataset).parameters
@@ -527,7 +527,7 @@ SHIPPED = ["ixi", "ixi-tiny", "msd-brain-tumour", "msd-hippocampus", "mnist", "f
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_cards_options_work_with_their_layout(tmp_path, name):
-    import mrivq.catalog as catalog
+    import mrivq.datasets.catalog as catalog
     c = catalog.get_card(name)
     _tree_for(name, tmp_path)
     rows = get_layout(c.layout).scan(tmp_path, c)

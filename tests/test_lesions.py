@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrivq.errors import MrivqError
-from mrivq.lesions import KINDS, MASK_VALUE, insert_lesion, lesion_kind_for
-from mrivq.phantom import generate_subject
+from mrivq.datasets.lesions import KINDS, MASK_VALUE, insert_lesion, lesion_kind_for
+from mrivq.datasets.phantom import generate_subject
+from mrivq.utils.errors import MrivqError
 
 
 @pytest.fixture(scope="module")

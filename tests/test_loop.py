@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrivq.errors import MrivqError
-from mrivq.loop import LoopConfig, amp_dtype, run_loop
+from mrivq.training.loop import LoopConfig, run_loop
+from mrivq.utils.device import amp_dtype
+from mrivq.utils.errors import MrivqError
 
 
 class Crash(Exception):
@@ -48,8 +49,8 @@ def test_resume_loads_rng_states_on_the_cpu_whatever_the_device(tmp_path: Path) 
 def test_each_rank_resumes_its_own_rng_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint keeps every rank's RNG state (``rng_ranks``); on resume each rank takes its own, and
     a checkpoint of another world size (or of one process) gives rank 0's."""
-    from mrivq import distributed as ddp
-    from mrivq.loop import own_rng_state
+    from mrivq.training.loop import own_rng_state
+    from mrivq.utils import distributed as ddp
 
     _fit(tmp_path / "r", 3)
     ck = torch.load(tmp_path / "r" / "checkpoints" / "toy_last.pt", weights_only=True)
@@ -123,8 +124,8 @@ def test_best_checkpoint_is_chosen_from_best_from_on(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key,value", [("workers", -1), ("workers", "many"), ("cache_workers", 0)])
 def test_loader_and_cache_worker_counts_are_checked(key: str, value: object) -> None:
-    from mrivq.split import _fill_workers
-    from mrivq.train import _workers
+    from mrivq.data.split import _fill_workers
+    from mrivq.training.vqvae import _workers
 
     with pytest.raises(MrivqError, match=f"train.{key}="):
         if key == "workers":

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrivq.builders import build_prior, prior_from_config
-from mrivq.errors import MrivqError
+from mrivq.inference.sampling import _decode_masked, heal_tokens, log_likelihood, sample_masked, sample_tokens
+from mrivq.models.factory import build_prior, prior_from_config
 from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio, masked_nats, masked_token_loss, random_masks
-from mrivq.sampling import _decode_masked, heal_tokens, log_likelihood, sample_masked, sample_tokens
+from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
 
 SHAPE = (3, 4, 3)
@@ -181,7 +181,7 @@ def test_cli_score_refuses_a_maskgit_prior_in_one_line(maskgit_run: Path, phanto
 
 def test_bundle_and_synthetic_dataset_take_a_maskgit_prior(maskgit_run: Path, tmp_path: Path) -> None:
     import mrivq
-    from mrivq.bundle import load_bundle
+    from mrivq.inference.bundle import load_bundle
 
     res = invoke("export", "--run", str(maskgit_run), "--bundle", str(tmp_path / "b"))
     assert res.exit_code == 0, res.output

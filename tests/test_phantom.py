@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mrivq import phantom
-from mrivq.errors import MrivqError
-from mrivq.progress import Progress
+from mrivq.datasets import phantom
+from mrivq.utils.errors import MrivqError
+from mrivq.utils.progress import Progress
 
 CSF, GM, WM, VENT, SCALP, SKULL = 3, 4, 5, 6, 1, 2
 

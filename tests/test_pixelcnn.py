@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from mrivq.errors import MrivqError
 from mrivq.models.pixelcnn import GatedPixelCNN
+from mrivq.utils.errors import MrivqError
 
 K = 7  # codebook size for the small models
 

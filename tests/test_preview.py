@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mrivq.preview import grid, mid_slices, montage
+from mrivq.io.preview import grid, mid_slices, montage
 
 
 def test_mid_slices_are_upright_views() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-import mrivq.progress as P
+import mrivq.utils.progress as P
 
 
 class Clock:

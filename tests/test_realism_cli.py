@@ -107,7 +107,7 @@ def test_samples_read_back_exactly_and_any_other_volume_is_preprocessed(run: Pat
     import shutil
 
     from mrivq.evaluate.volumes import load_samples, load_spec, write_as_samples
-    from mrivq.runs import load_run
+    from mrivq.runs.run import load_run
 
     r = load_run(run)
     val = load_spec("phantom:val", r, root)
@@ -156,8 +156,8 @@ def test_synth_baseline_priors(run: Path, tmp_path: Path) -> None:
         assert side["prior"] == prior and side["sampler"] == "independent"
         assert nib.load(out / "synth_0003.nii.gz").shape == (32, 32, 32)
     # marginal codes only ever take codes that occur at their position in training
-    from mrivq.runs import load_run
-    from mrivq.synth import _baseline_logits
+    from mrivq.inference.synth import _baseline_logits
+    from mrivq.runs.run import load_run
 
     lg = _baseline_logits(load_run(run), "marginal")
     codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"].long()
@@ -233,9 +233,9 @@ def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samp
     give) sit at distance ~0 from the training set as the model reconstructs it; new samples do not."""
     import torch
 
-    from mrivq.calibration import describe
     from mrivq.evaluate.volumes import write_as_samples
-    from mrivq.runs import load_run
+    from mrivq.models.calibration import describe
+    from mrivq.runs.run import load_run
 
     r = load_run(run)
     codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"][:5]

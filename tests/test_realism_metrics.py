@@ -10,11 +10,11 @@ import pytest
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from mrivq.errors import MrivqError
-from mrivq.evaluate import metrics as M
 from mrivq.evaluate import realism_metrics
-from mrivq.evaluate import twosample as TS
-from mrivq.evaluate.features import fid, load_features
+from mrivq.metrics import realism as M
+from mrivq.metrics import twosample as TS
+from mrivq.metrics.features import fid, load_features
+from mrivq.utils.errors import MrivqError
 
 GRID = (24, 28, 24)
 
@@ -221,7 +221,7 @@ def test_features_checkpoint_errors(tmp_path: Path, make, spec: str, needle: str
 
 
 def test_independent_sampler_follows_position_frequencies() -> None:
-    from mrivq.sampling import marginal_logits, sample_independent
+    from mrivq.inference.sampling import marginal_logits, sample_independent
 
     codes = torch.zeros(10, 2, 3, dtype=torch.long)
     codes[:, 0, 0] = 5  # always 5 at one position

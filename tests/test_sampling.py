@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrivq.errors import MrivqError
+from mrivq.inference.sampling import log_likelihood, sample_tokens
 from mrivq.models.pixelcnn import GatedPixelCNN
-from mrivq.progress import Progress
-from mrivq.sampling import log_likelihood, sample_tokens
+from mrivq.utils.errors import MrivqError
+from mrivq.utils.progress import Progress
 
 K = 9
 
@@ -164,7 +164,7 @@ def test_log_likelihood_is_cross_entropy(dims, kw, cond) -> None:
                  "attention_heads": 2}, torch.tensor([2, 0])),
 ])
 def test_heal_tokens_keeps_unflagged_codes_and_cached_equals_reference(shape, kw, cond) -> None:
-    from mrivq.sampling import heal_tokens
+    from mrivq.inference.sampling import heal_tokens
 
     prior = _prior(len(shape), **kw)
     idx = sample_tokens(prior, shape, 2, seed=1, cond=cond)
@@ -186,7 +186,7 @@ def test_heal_tokens_keeps_unflagged_codes_and_cached_equals_reference(shape, kw
 
 
 def test_heal_tokens_bad_input() -> None:
-    from mrivq.sampling import heal_tokens
+    from mrivq.inference.sampling import heal_tokens
 
     prior = _prior(2)
     idx = torch.zeros(1, 4, 5, dtype=torch.long)
@@ -207,7 +207,7 @@ def test_first_draws_a_part_of_the_seeds_sequence() -> None:
 
 
 def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
-    import mrivq.sampling as S
+    import mrivq.inference.sampling as S
 
     class Recorder(Progress):
         def __init__(self) -> None:

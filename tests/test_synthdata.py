@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mrivq
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mrivq.cli import app
-from mrivq.errors import MrivqError
+from mrivq.cli.app import app
+from mrivq.utils.errors import MrivqError
 
 TINY = [
     "--set", "data.spacing=[6.0,6.0,6.0]", "--set", "data.shape=[32,32,32]",
@@ -36,7 +36,7 @@ class Result:
 
 
 def invoke(*args: str) -> Result:
-    """Run the CLI in-process; a MrivqError maps to exit code 2 as in `mrivq.cli.main`."""
+    """Run the CLI in-process; a MrivqError maps to exit code 2 as in `mrivq.cli.app.main`."""
     res = CliRunner().invoke(app, list(args))
     if isinstance(res.exception, MrivqError):
         return Result(2, res.output + str(res.exception))
@@ -64,7 +64,7 @@ def trained_run(phantom_root: Path, pristine_phantom_run: tuple[Path, Path],
     pointing at this module's ``phantom_root``, as if it had been trained there."""
     import shutil
 
-    from mrivq.runs import write_json
+    from mrivq.runs.folder import write_json
 
     run = tmp_path_factory.mktemp("runs") / "r1"
     shutil.copytree(pristine_phantom_run[1], run)
@@ -370,7 +370,7 @@ def test_vqvae_retrained_on_resume_trains_the_prior_again(trained_run: Path, tmp
     codebook) is set aside, not resumed or taken as finished, and synth decodes the new prior's codes."""
     import shutil
 
-    from mrivq.runs import file_sha256
+    from mrivq.runs.folder import file_sha256
 
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)

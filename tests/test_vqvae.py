@@ -100,7 +100,7 @@ def test_tiny_model_overfits_tiny_batch():
 
 def test_decode_takes_any_integer_codes_and_refuses_others():
     """The code cache holds int16 grids; float or bool "indices" are garbage, not codes."""
-    from mrivq.errors import MrivqError
+    from mrivq.utils.errors import MrivqError
 
     m = VQVAE(spatial_dims=3, in_channels=1, channels=(8, 16), num_res_channels=(8, 16), num_embeddings=16,
               embedding_dim=4).eval()

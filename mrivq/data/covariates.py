@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 
 
 def _number(v: object) -> float | None:

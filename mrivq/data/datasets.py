@@ -22,7 +22,7 @@ from mrivq.data.manifest import select_rows
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import read_array_file
 from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
-from mrivq.errors import ImageReadError, MrivqError
+from mrivq.utils.errors import ImageReadError, MrivqError
 
 
 class _Items(torch.utils.data.Dataset):
@@ -196,7 +196,7 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
 
     ``cache``: "memory" (MONAI CacheDataset, filled now), "disk" (MONAI PersistentDataset under
     ``cache_dir``, filled now; keyed by file, file stamp and preprocessing) or "none" (load per access).
-    ``num_workers`` threads fill the cache; ``progress`` (a :class:`mrivq.progress.Progress`) shows it.
+    ``num_workers`` threads fill the cache; ``progress`` (a :class:`mrivq.utils.progress.Progress`) shows it.
     ``cache_dtype="float16"`` stores the cached volumes (in memory and on disk) at half the size; items
     come out as float32 (intensities are in [0, 1], where float16 keeps 3 significant digits: an error
     below 2.5e-4, far below MRI noise).

@@ -20,7 +20,7 @@ from mrivq.data.manifest import select_rows
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import read_array_file
 from mrivq.data.transforms import _run, build_transforms
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 
 
 def _stats_of(lohi: list, pre: Preprocess) -> dict:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 
 _SPLIT_TRAIN = {"train", "training"}
 _SPLIT_VAL = {"test", "val", "valid", "validation"}

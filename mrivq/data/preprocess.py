@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 
 
 @dataclass

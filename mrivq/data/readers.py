@@ -1,5 +1,5 @@
 """Reading one source into an array: IDX/CIFAR array files (read once per file and kept in memory),
-PNG/JPEG 2D images, and volumes through :func:`mrivq.io.load_volume` (:func:`_load_source`); also the
+PNG/JPEG 2D images, and volumes through :func:`mrivq.io.images.load_volume` (:func:`_load_source`); also the
 stored dtype of an input file, so outputs can be written back alike.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrivq.errors import ImageReadError, MrivqError
+from mrivq.utils.errors import ImageReadError, MrivqError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -53,11 +53,11 @@ def read_array_file(path: Path) -> np.ndarray:
         kind = _array_kind(path)
         try:
             if kind == "idx":
-                from mrivq.layouts.idx import read_idx
+                from mrivq.datasets.layouts.idx import read_idx
 
                 arr = np.asarray(read_idx(path))
             else:
-                from mrivq.layouts.cifar import read_cifar_batch
+                from mrivq.datasets.layouts.cifar import read_cifar_batch
 
                 arr = np.asarray(read_cifar_batch(path)[0])
         except MrivqError:
@@ -129,7 +129,7 @@ def _load_source(src: dict, base: Path | None) -> tuple[np.ndarray, np.ndarray, 
         chans = img.ndim == 3
         img = np.moveaxis(img, -1, 0) if chans else img[None]
         return img.astype(np.float32), np.eye(4), chans, fixed
-    from mrivq.io import load_volume
+    from mrivq.io.images import load_volume
 
     try:
         arr, affine = load_volume(path, series_uid=src.get("series_uid") or None)

@@ -22,7 +22,7 @@ from monai.utils import TraceKeys
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import _input_dtype, _is_image2d
 from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
-from mrivq.errors import ImageReadError, MrivqError
+from mrivq.utils.errors import ImageReadError, MrivqError
 
 #: ctx format written by :func:`preprocess_file`.
 CTX_VERSION = 1

@@ -28,7 +28,7 @@ from monai.transforms import (
 
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import _is_image2d, _load_source
-from mrivq.errors import ImageReadError, MrivqError, find_in_chain
+from mrivq.utils.errors import ImageReadError, MrivqError, find_in_chain
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
@@ -83,7 +83,7 @@ class CheckGeometryd(MapTransform):
         self.pre = pre
 
     def __call__(self, data: dict) -> dict:
-        from mrivq import limits
+        from mrivq.utils import limits
 
         for key in self.key_iterator(data):
             img = data[key]

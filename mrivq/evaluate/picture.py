@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mrivq.preview import mid_slices
+from mrivq.io.preview import mid_slices
 
 
 def realism_figure(path: Path, samples: np.ndarray, neighbours: np.ndarray, neighbour_label: str,
@@ -20,7 +20,7 @@ def realism_figure(path: Path, samples: np.ndarray, neighbours: np.ndarray, neig
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from mrivq.atomic import atomic_write_bytes
+    from mrivq.utils.atomic import atomic_write_bytes
 
     k = min(rows, len(samples))
     nh = max(1, len(stats))

@@ -3,7 +3,7 @@
 Samples (read back exactly when ``mrivq synth`` wrote them for this run, else through the run's
 preprocessing), real scans and (optionally) the training scans meet on one grid, then every metric is
 computed there: two classifier two-sample tests (anatomy and texture, relative to the real scans, with
-permutation p-values; :mod:`mrivq.evaluate.twosample`), a multi-bandwidth MMD against its permutation
+permutation p-values; :mod:`mrivq.metrics.twosample`), a multi-bandwidth MMD against its permutation
 null, diversity (pairwise MS-SSIM), memorization (nearest training volume), head-mask Dice and tissue
 fractions, and FID only with named features. Control rows measured the same way (real scans written
 and read as samples, their reconstructions, their mean volume repeated) give each figure its empirical
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrivq.errors import MrivqError
-from mrivq.evaluate import metrics as M
-from mrivq.evaluate import twosample as TS
 from mrivq.evaluate.volumes import load_samples, load_spec, nifti_files
+from mrivq.metrics import realism as M
+from mrivq.metrics import twosample as TS
+from mrivq.utils.errors import MrivqError
 
 MIN_VOLUMES = 4
 #: the keys every realism.json has (``memorization`` when a training set was given, ``fid`` with features)
@@ -133,7 +133,7 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
                     controls: dict[str, np.ndarray] | None = None, permutations: int = 100) -> dict:
     """Every realism metric of ``synth`` against ``real`` (arrays ``[N, C, *spatial]`` on one grid).
 
-    ``train`` adds memorization; ``features`` (a :class:`mrivq.evaluate.features.FeatureExtractor`)
+    ``train`` adds memorization; ``features`` (a :class:`mrivq.metrics.features.FeatureExtractor`)
     adds an FID named after it. ``model_space`` = (train, real) as the autoencoder reconstructs them:
     memorization then compares samples with what the model can express of the training set, so a
     decoded copy of a training code grid is at distance 0 (against the raw volumes it is as far away
@@ -185,7 +185,7 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
 
 
 def _fid(features: Any, synth: np.ndarray, real: np.ndarray) -> float:
-    from mrivq.evaluate.features import fid
+    from mrivq.metrics.features import fid
 
     return fid(features(synth), features(real))
 
@@ -194,7 +194,7 @@ def _samples_calibrated(files: list[Path]) -> bool:
     """Whether the samples went through the run's intensity calibration: their synth sidecars say
     so (one from before calibrations existed: no); files without sidecars (not written by ``mrivq
     synth``) are taken as synth's default."""
-    from mrivq.synth import read_sidecar
+    from mrivq.inference.synth import read_sidecar
 
     said = [read_sidecar(f) for f in files]
     # a sidecar from before calibrations existed has no such key: raw output
@@ -205,7 +205,7 @@ def _samples_calibrated(files: list[Path]) -> bool:
 def _reconstruct(r: Any, x: np.ndarray, progress: Any = None, batch: int = 4, calibrate: bool = True) -> np.ndarray:
     """``x`` encoded and decoded by the run's VQ-VAE (eval mode: the codebook never changes), through
     its calibration as synth decodes (when ``calibrate``): model space, as samples are read back."""
-    from mrivq.progress import silent
+    from mrivq.utils.progress import silent
 
     out = []
     dev = next(r.vqvae.parameters()).device
@@ -230,8 +230,8 @@ def control_sets(r: Any, source: np.ndarray, count: int, calibrate: bool,
       MMD must fail."""
     import tempfile
 
-    from mrivq.calibration import describe
     from mrivq.evaluate.volumes import load_samples, write_as_samples
+    from mrivq.models.calibration import describe
 
     pick = sorted({int(round(v)) for v in np.linspace(0, len(source) - 1, min(count, len(source)))})
     x = source[pick]
@@ -257,10 +257,11 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     training scans (``train``, else the run's own dataset's training split when it is there). Writes JSON
     (``json_out``, else ``samples/realism.json``) and ``realism.png`` beside it; returns
     ``{"metrics", "json", "picture"}``."""
-    from mrivq.evaluate.features import load_features
     from mrivq.evaluate.picture import realism_figure
-    from mrivq.loop import resolve_device
-    from mrivq.runs import load_run, write_json
+    from mrivq.metrics.features import load_features
+    from mrivq.runs.folder import write_json
+    from mrivq.runs.run import load_run
+    from mrivq.utils.device import resolve_device
 
     r = load_run(run, device=resolve_device(device))
     if r.preprocess.dims != 3:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from mrivq.errors import MrivqError
-from mrivq.io import NIFTI_SUFFIXES
+from mrivq.io.images import NIFTI_SUFFIXES
+from mrivq.utils.errors import MrivqError
 
 SPLITS = ("train", "val", "all")
 
@@ -59,7 +59,7 @@ def _stack(arrays: list[np.ndarray], names: list[str], source: str, pre: Any) ->
 
 def nifti_files(folder: Path) -> list[Path]:
     """NIfTI/Analyze files directly in ``folder``, in natural order."""
-    from mrivq.io import _natural
+    from mrivq.io.images import _natural
 
     ok = NIFTI_SUFFIXES + (".hdr", ".hdr.gz")
     return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(ok)),
@@ -70,8 +70,8 @@ def load_folder(folder: Path, pre: Any, progress: Any = None, what: str = "volum
                 files: list[Path] | None = None) -> VolumeSet:
     """Every NIfTI file in ``folder`` (or else every DICOM series under it), preprocessed; ``files``:
     the NIfTI files already listed (by :func:`check_samples`)."""
-    from mrivq.io import scan_dicom_series
-    from mrivq.progress import silent
+    from mrivq.io.images import scan_dicom_series
+    from mrivq.utils.progress import silent
 
     folder = Path(folder)
     files = nifti_files(folder) if files is None else files
@@ -99,8 +99,8 @@ def load_dataset(name: str, split: str, run: Any, root: Path | None, progress: A
     """A fetched dataset's ``split`` of the run's subject split, preprocessed like training.
     ``splits`` (data folder -> loaded split) lets ``phantom:val`` and ``phantom:train`` of one
     evaluation preprocess the dataset once."""
-    from mrivq.paths import resolve_root
-    from mrivq.train import load_split
+    from mrivq.data.split import load_split
+    from mrivq.utils.paths import resolve_root
 
     if split not in SPLITS:
         raise MrivqError(f"split {split!r} of {name} is not one of {', '.join(SPLITS)}")
@@ -148,7 +148,7 @@ def on_synth_grid(path: Path, run: Any) -> bool:
     import nibabel as nib
 
     from mrivq.data import synth_geometry
-    from mrivq.synth import read_sidecar
+    from mrivq.inference.synth import read_sidecar
 
     side = read_sidecar(path)
     if not isinstance(side, dict) or "calibration" not in side:
@@ -165,11 +165,11 @@ def on_synth_grid(path: Path, run: Any) -> bool:
 
 def load_samples(folder: Path, run: Any, progress: Any = None) -> tuple[VolumeSet, dict]:
     """The samples in ``folder`` (NIfTI files, else DICOM series) on the run's grid: volumes ``mrivq synth``
-    wrote for this grid are read back exactly (:func:`mrivq.synth.read_sample`), any other (another model's
+    wrote for this grid are read back exactly (:func:`mrivq.inference.synth.read_sample`), any other (another model's
     samples, real scans) goes through the run's preprocessing. Returns the set and how many took each
     path (``{"synth_grid": n, "preprocessed": m}``)."""
-    from mrivq.progress import silent
-    from mrivq.synth import read_sample
+    from mrivq.inference.synth import read_sample
+    from mrivq.utils.progress import silent
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -200,11 +200,11 @@ def write_as_samples(x: np.ndarray, run: Any, folder: Path, prefix: str = "contr
                      calibration: str = "none") -> list[Path]:
     """Volumes ``[N, C, *grid]`` in [0, 1] written exactly as ``mrivq synth`` writes its samples (the run's
     intensity range and synth affine, a sidecar saying how they were decoded: ``calibration``, as
-    :func:`mrivq.calibration.describe` says it), so that a control set takes the samples' path."""
+    :func:`mrivq.models.calibration.describe` says it), so that a control set takes the samples' path."""
     from mrivq import data as D
-    from mrivq.io import save_nifti
-    from mrivq.runs import write_json
-    from mrivq.synth import sample_intensity
+    from mrivq.inference.synth import sample_intensity
+    from mrivq.io.images import save_nifti
+    from mrivq.runs.folder import write_json
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []

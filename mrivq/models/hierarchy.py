@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrivq.errors import MrivqError
 from mrivq.models.pixelcnn import GatedPixelCNN
 from mrivq.models.quantizer import VectorQuantizerEMA
 from mrivq.models.vqvae import VQVAE
+from mrivq.utils.errors import MrivqError
 
 
 class VQVAE2(nn.Module):

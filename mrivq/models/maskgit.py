@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrivq.errors import MrivqError
 from mrivq.models.pixelcnn import gate
+from mrivq.utils.errors import MrivqError
 
 
 def _conv(n: int) -> type[nn.Module]:

@@ -32,7 +32,7 @@ Two options give the prior what a translation-equivariant, local network lacks o
   whole earlier volume is in view instead of an ``L*r`` neighbourhood. The output projection starts
   at zero, so a new block starts as the identity.
 
-The layer weights are laid out so that :mod:`mrivq.sampling` can evaluate the same network one
+The layer weights are laid out so that :mod:`mrivq.inference.sampling` can evaluate the same network one
 block (slice, row, position) at a time (Ramachandran et al. 2017); attention keeps a key-value cache.
 """
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrivq.errors import MrivqError
+from mrivq.utils.errors import MrivqError
 
 Cond = torch.Tensor | int | dict | None
 

@@ -231,7 +231,7 @@ class VectorQuantizerEMA(nn.Module):
     # ----------------------------------------------------------------- training-only updates
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` of every rank concatenated in rank order under torch.distributed (``t`` alone otherwise);
-        the ranks' shares of a batch are equal, contiguous slices (:func:`mrivq.distributed.shard`)."""
+        the ranks' shares of a batch are equal, contiguous slices (:func:`mrivq.utils.distributed.shard`)."""
         if not _dist_ready(self.ddp_sync):
             return t
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]

@@ -17,8 +17,8 @@ import torch
 from monai.networks.nets.vqvae import Decoder, Encoder
 from torch import nn
 
-from mrivq.errors import MrivqError
 from mrivq.models.quantizer import VectorQuantizerEMA, perplexity_and_usage
+from mrivq.utils.errors import MrivqError
 
 
 def _jsonable(v: Any) -> Any:
