@@ -49,7 +49,7 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
     from monai.inferers import VQVAETransformerInferer
 
     from benchmarks.realism import stage_seconds, train_monai
-    from mrivq import data as D
+    from mrivq.data.restore import preprocess_file, restore
     from mrivq.evaluate.anomaly import (
         brain_values_of,
         calibrated_threshold,
@@ -57,7 +57,7 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
         split_items,
         truth_and_region,
     )
-    from mrivq.inference.heal import _smooth
+    from mrivq.inference.heal import smooth_map
     from mrivq.metrics.anomaly import anomaly_metrics
     from mrivq.runs.run import load_run
 
@@ -71,18 +71,18 @@ def monai_rows(run: Path, root: Path, dataset: str, split: str, seed: int, smoot
     def maps(items: list[dict]) -> tuple[list, list, list]:
         out = ([], [], [])
         for it in items:
-            x, ctx = D.preprocess_file(ddir / it["sources"][0]["path"], r.preprocess)
+            x, ctx = preprocess_file(ddir / it["sources"][0]["path"], r.preprocess)
             with torch.no_grad():
                 lik = inferer.get_likelihood(
                     inputs=torch.as_tensor(x)[None].float(), vqvae_model=m["vqvae"],
                     transformer_model=m["transformer"], ordering=m["ordering"],
                     resample_latent_likelihoods=True,
                     resample_interpolation_mode="trilinear")
-            nll = _smooth(-lik, smooth)[0]  # get_likelihood returns log-likelihoods
+            nll = smooth_map(-lik, smooth)[0]  # get_likelihood returns log-likelihoods
             xm = torch.as_tensor(x)
             head = (xm.amax(0, keepdim=True) > 0.05).float()
-            arr, _ = D.restore(nll * head, ctx, intensity=False)
-            hd, _ = D.restore(head, ctx, intensity=False)
+            arr, _ = restore(nll * head, ctx, intensity=False)
+            hd, _ = restore(head, ctx, intensity=False)
             shape = arr.shape[:3]
             mask, region = truth_and_region(ddir, it, hd.reshape(shape) > 0.5, brain)
             out[0].append(arr.reshape(shape))

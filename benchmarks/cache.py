@@ -23,16 +23,18 @@ from benchmarks.common import emit  # noqa: E402
 
 
 def fill(root: Path, dtype: str, workers: int, cache: str) -> dict:
-    from mrivq import data as D
     from mrivq.config import presets as C
+    from mrivq.data.datasets import make_dataset
+    from mrivq.data.manifest import load_manifest, select_rows
+    from mrivq.data.preprocess import Preprocess
 
     cfg = C.load_preset("vqvae3d-t1")
-    pre = D.Preprocess.from_dict({**cfg["data"], "modalities": ["t1"]})
-    rows = D.select_rows(D.load_manifest(root / "phantom"), ["t1"])
+    pre = Preprocess.from_dict({**cfg["data"], "modalities": ["t1"]})
+    rows = select_rows(load_manifest(root / "phantom"), ["t1"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     cache_dir = root / ".bench-cache" / f"{dtype}-{workers}" if cache == "disk" else None
-    ds = D.make_dataset(rows, root / "phantom", pre, cache=cache, cache_dir=cache_dir, num_workers=workers,
+    ds = make_dataset(rows, root / "phantom", pre, cache=cache, cache_dir=cache_dir, num_workers=workers,
                         cache_dtype=dtype)
     seconds = time.perf_counter() - t0
     if cache == "memory":

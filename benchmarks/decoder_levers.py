@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--lever", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE (repeatable)")
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    from mrivq.evaluate import evaluate_realism
+    from mrivq.evaluate.realism import evaluate_realism
     from mrivq.runs.folder import read_run_info
 
     levers = dict(lv.split("=", 1) for lv in args.lever) if args.lever else LEVERS

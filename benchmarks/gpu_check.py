@@ -543,7 +543,7 @@ class Checks:
             return GatedPixelCNN(3, codes, latent_shape=(size,) * 3, **arch).to(dev).eval()
 
         res: dict[str, Any] = {"prior": {**arch, "num_embeddings": codes, "preset": "prior3d-t1"},
-                               "sampler": "mrivq.inference.sampling.sample_tokens(cached=True), seed 0, random-init prior",
+                               "sampler": "mrivq.sample_tokens(cached=True), seed 0, random-init prior",
                                "results": []}
         g = p.check_grid
         small = make(g)

@@ -68,7 +68,7 @@ def main() -> None:
 
     from mrivq.config.defaults import PRIOR_TRAIN_DEFAULTS, TRAIN_DEFAULTS
     from mrivq.data.split import load_split
-    from mrivq.evaluate import evaluate_realism
+    from mrivq.evaluate.realism import evaluate_realism
     from mrivq.inference.sampling import sample_tokens
     from mrivq.models.hierarchy import VQVAE2, CoarseConditionedPixelCNN
     from mrivq.models.pixelcnn import GatedPixelCNN

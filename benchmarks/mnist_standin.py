@@ -307,7 +307,8 @@ def evaluate(run_dir: Path, files: Path, data_dir: Path, batch: int = 500) -> di
     import torch
 
     import mrivq
-    from mrivq import data as D
+    from mrivq.data.datasets import make_dataset
+    from mrivq.data.manifest import load_manifest, select_rows, split_subjects
     from mrivq.datasets.layouts.idx import read_idx
 
     run = mrivq.load_run(run_dir)
@@ -317,9 +318,9 @@ def evaluate(run_dir: Path, files: Path, data_dir: Path, batch: int = 500) -> di
     x_test = torch.from_numpy(read_idx(files / FILES["test"][0]).astype(np.float32) / 255.0)[:, None]
 
     # The pipeline's own test items must be exactly these arrays (uint8 / 255, no padding at 28 x 28).
-    rows = D.select_rows(D.load_manifest(data_dir), run.preprocess.modalities)
-    _, test_rows = D.split_subjects(rows)
-    ds = D.make_dataset(test_rows, data_dir, run.preprocess, cache="none")
+    rows = select_rows(load_manifest(data_dir), run.preprocess.modalities)
+    _, test_rows = split_subjects(rows)
+    ds = make_dataset(test_rows, data_dir, run.preprocess, cache="none")
     assert len(ds) == len(x_test), (len(ds), len(x_test))
     for i in (0, len(ds) // 2, len(ds) - 1):
         j = int(ds[i]["subject"].split("-")[1])

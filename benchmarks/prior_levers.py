@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args()
-    from mrivq.evaluate import evaluate_realism
+    from mrivq.evaluate.realism import evaluate_realism
     from mrivq.inference.synth import synthesize
     from mrivq.runs.run import load_run
 

@@ -73,7 +73,7 @@ def stage_seconds(run: Path) -> dict[str, float]:
 
 def evaluate(run: Path, folder: Path, root: Path | None, dataset: str, controls: bool = False) -> dict:
     """A row's realism metrics (``KEEP``); with ``controls`` also ``controls``: the control rows' (``CONTROL_KEEP``)."""
-    from mrivq.evaluate import evaluate_realism
+    from mrivq.evaluate.realism import evaluate_realism
 
     res = evaluate_realism(run, folder, f"{dataset}:val", f"{dataset}:train", root=root, controls=controls)["metrics"]
     out = {k: res.get(k) for k in KEEP}

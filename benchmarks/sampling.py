@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # synth_throughp
 
 from synth_throughput import PAIRS, measure  # noqa: E402
 
-from mrivq.inference.sampling import _uniforms, pick, sample_tokens  # noqa: E402
+from mrivq.inference.sampling import pick, sample_tokens, sample_uniforms  # noqa: E402
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def reference_per_position(prior: GatedPixelCNN, shape: tuple[int, ...], b: int,
                            budget_s: float, max_positions: int) -> tuple[float, int]:
     """Seconds per position of the reference sampler, measured on a prefix (same loop as the sampler)."""
     n_pos = math.prod(shape)
-    u = _uniforms(0, b, n_pos).to(dev)
+    u = sample_uniforms(0, b, n_pos).to(dev)
     tokens = torch.zeros(b, *shape, dtype=torch.long, device=dev)
     flat = tokens.view(b, -1)
     with torch.no_grad():

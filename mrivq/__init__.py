@@ -35,10 +35,19 @@ _LAZY = {
 __all__ = list(_LAZY) + ["__version__"]
 
 
+# Module paths that configuration files written by earlier versions name: a MONAI bundle exported by
+# mrivq 0.1.0 instantiates ``mrivq.bundle.BundleNetwork`` (its configs/inference.json).
+_MOVED = {"bundle": "mrivq.inference.bundle"}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
         mod, attr = _LAZY[name]
         return getattr(importlib.import_module(mod), attr)
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(_MOVED[name])
     raise AttributeError(f"module 'mrivq' has no attribute {name!r}")

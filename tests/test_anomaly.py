@@ -200,16 +200,16 @@ def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesio
 def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     import torch
 
-    from mrivq.inference.heal import HealOptions, _erode, _fill_holes
+    from mrivq.inference.heal import HealOptions, erode_mask, fill_mask_holes
 
     head = torch.zeros(1, 1, 12, 12, 12, dtype=torch.bool)
     head[0, 0, 2:10, 2:10, 2:10] = True
     head[0, 0, 5:7, 5:7, 5:7] = False  # a signal void inside
-    filled = _fill_holes(head)
+    filled = fill_mask_holes(head)
     assert filled[0, 0, 5:7, 5:7, 5:7].all() and filled.sum() == 8 ** 3
-    eroded = _erode(filled, 1)
+    eroded = erode_mask(filled, 1)
     assert eroded.sum() == 6 ** 3 and eroded[0, 0, 2].sum() == 0
-    from mrivq.cli import app as cli
+    from mrivq.cli.app import app as cli
 
     assert (cli.HEAL_THRESHOLD, cli.HEAL_SMOOTH) == (HealOptions().threshold, HealOptions().smooth)  # one default
     for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):
@@ -220,7 +220,7 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
 def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
     import torch
 
-    from mrivq.inference.heal import _smooth, nll_reference
+    from mrivq.inference.heal import nll_reference, smooth_map
     from mrivq.runs.folder import load_codes
     from mrivq.runs.run import load_run
 
@@ -237,7 +237,7 @@ def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp
     # a Gaussian blur keeps the total and spreads a point evenly along every axis
     t = torch.zeros(1, 1, 9, 9, 9)
     t[0, 0, 4, 4, 4] = 1
-    b = _smooth(t, 1.0)
+    b = smooth_map(t, 1.0)
     assert abs(float(b.sum()) - 1) < 1e-5 and float(b[0, 0, 4, 4, 4]) < 1
     assert torch.allclose(b[0, 0, 3, 4, 4], b[0, 0, 4, 3, 4]) and torch.allclose(b[0, 0, 4, 3, 4], b[0, 0, 4, 4, 5])
     res = invoke("score", str(img), "-o", str(tmp_path / "bad.nii.gz"), "--run", str(trained_run), "--heal",
@@ -289,7 +289,7 @@ def test_normalized_healing_scores_residuals_against_healthy_scans(
 
     import torch
 
-    from mrivq.inference.files import RESIDUAL_REFERENCE_FILE, _prepare, resolve_heal, run_residual_reference
+    from mrivq.inference.files import RESIDUAL_REFERENCE_FILE, prepare_input, resolve_heal, run_residual_reference
     from mrivq.inference.heal import HealOptions, heal
     from mrivq.runs.run import load_run
 
@@ -325,7 +325,7 @@ def test_normalized_healing_scores_residuals_against_healthy_scans(
     assert res.exit_code == 2 and "--no-normalize" in res.output and "Traceback" not in res.output
     # by hand: against mean 0 and SD 1 the normative residual is the raw one; against its own residual
     # as the mean, 0; the plain baseline stays raw either way
-    x, _ = _prepare(r, img, torch.device("cpu"))
+    x, _ = prepare_input(r, img, torch.device("cpu"))
     o = HealOptions(smooth=0, resamples=1, threshold=0.2)
     raw = heal(r.vqvae, r.prior, x, o)
     assert "normative_residual" not in raw

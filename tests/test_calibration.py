@@ -1,4 +1,4 @@
-"""The decoder's intensity calibration (mrivq.calibration): the quantile sketch, the fitted map, and
+"""The decoder's intensity calibration (mrivq.models.calibration): the quantile sketch, the fitted map, and
 a run's synth, eval, bundle and stale-checkpoint paths."""
 
 from __future__ import annotations
@@ -117,15 +117,15 @@ def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Pa
     order = np.argsort(b.ravel(), kind="stable")
     assert (np.diff(a.ravel()[order]) >= -1e-4 * max(float(a.max()), 1.0)).all()
 
-    from mrivq.evaluate.realism import _samples_calibrated
-    from mrivq.evaluate.volumes import nifti_files
+    from mrivq.evaluate.realism import samples_calibrated
+    from mrivq.io.files import nifti_files
 
-    assert _samples_calibrated(nifti_files(tmp_path / "a"))
-    assert not _samples_calibrated(nifti_files(tmp_path / "b"))
+    assert samples_calibrated(nifti_files(tmp_path / "a"))
+    assert not samples_calibrated(nifti_files(tmp_path / "b"))
     side = tmp_path / "a" / "synth_0001.json"  # samples written before calibrations existed: raw
     side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "calibration"}))
     (tmp_path / "a" / "synth_0000.json").unlink()
-    assert not _samples_calibrated(nifti_files(tmp_path / "a"))
+    assert not samples_calibrated(nifti_files(tmp_path / "a"))
 
 
 def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -113,7 +113,7 @@ def test_wheel_ships_cards_and_presets(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import mrivq.paths as p, mrivq.catalog as c, mrivq.config as k; "
+    code = ("import mrivq.utils.paths as p, mrivq.datasets.catalog as c, mrivq.config.presets as k; "
             "print(p.cards_dir()); print(len(c.list_cards())); print(k.load_preset('vqvae3d-cpu')['data']['dims'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere,
                           env={**os.environ, "PYTHONPATH": str(site)}, timeout=120)

@@ -8,7 +8,9 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from mrivq import data as D
+from mrivq.data.items import item_label
+from mrivq.data.manifest import condition_items, load_manifest, pool_rows
+from mrivq.data.preprocess import Preprocess
 from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
 
@@ -16,28 +18,28 @@ from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixt
 def test_condition_items_maps_values_to_ids() -> None:
     items = [{"subject": "a", "site": "IOP"}, {"subject": "b", "site": "Guys"}, {"subject": "c", "site": "HH"},
              {"subject": "d", "site": "Guys"}]
-    out, names = D.condition_items(items, "site")
+    out, names = condition_items(items, "site")
     assert names == ["Guys", "HH", "IOP"]
     assert [it["label"] for it in out] == ["2", "0", "1", "0"]
-    assert [D._label(it) for it in out] == [2, 0, 1, 0]
-    _, names = D.condition_items([{"m": "t2"}, {"m": "t1"}], "m", order=["t2", "t1", "pd"])
+    assert [item_label(it) for it in out] == [2, 0, 1, 0]
+    _, names = condition_items([{"m": "t2"}, {"m": "t1"}], "m", order=["t2", "t1", "pd"])
     assert names == ["t2", "t1"]  # the given order first; absent values dropped
-    _, names = D.condition_items([{"x": "10"}, {"x": "2"}], "x")
+    _, names = condition_items([{"x": "10"}, {"x": "2"}], "x")
     assert names == ["2", "10"]
 
 
 def test_condition_items_needs_a_value_everywhere() -> None:
     with pytest.raises(MrivqError, match=r"condition_on=site: 1 of 2 images have no 'site'.*sex"):
-        D.condition_items([{"site": "HH", "sex": "F"}, {"sex": "M"}], "site")
+        condition_items([{"site": "HH", "sex": "F"}, {"sex": "M"}], "site")
 
 
 def test_pool_rows_gives_one_item_per_modality() -> None:
     rows = [{"subject": s, "modality": m, "path": f"{s}-{m}.nii.gz"} for s in ("a", "b") for m in ("t1", "t2")]
-    items = D.pool_rows(rows, ["t1", "t2"])
+    items = pool_rows(rows, ["t1", "t2"])
     assert sorted((it["subject"], it["modality"], len(it["sources"])) for it in items) == [
         ("a", "t1", 1), ("a", "t2", 1), ("b", "t1", 1), ("b", "t2", 1)]
-    assert D.Preprocess(modalities=["t1", "t2"], pool_modalities=True).channels == 1
-    assert D.Preprocess(modalities=["t1", "t2"]).channels == 2
+    assert Preprocess(modalities=["t1", "t2"], pool_modalities=True).channels == 1
+    assert Preprocess(modalities=["t1", "t2"]).channels == 2
 
 
 def _train(root: Path, run: Path, *extra: str) -> None:
@@ -85,7 +87,7 @@ def test_prior_conditioned_on_modality(phantom_root: Path, tmp_path: Path) -> No
 
 def test_prior_conditioned_on_a_manifest_column(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
     """The phantom's ``sex`` column stands in for IXI's ``site``: any manifest column works."""
-    rows = D.load_manifest(phantom_root / "phantom")
+    rows = load_manifest(phantom_root / "phantom")
     want = sorted({r["sex"] for r in rows})
     run = tmp_path / "run"
     _train(phantom_root, run, "--set", "data.condition_on=sex")

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrivq import data as D
+from mrivq.data.covariates import fit_covariates, parse_covariates, standardise, subject_covariates
+from mrivq.data.manifest import load_manifest
 from mrivq.models.pixelcnn import GatedPixelCNN
 from mrivq.utils.errors import MrivqError
 from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
@@ -20,35 +21,35 @@ from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixt
 def test_values_are_read_standardised_and_imputed() -> None:
     rows = [{"subject": "a", "age": "20"}, {"subject": "b", "age": "40.0"}, {"subject": "c", "age": ""},
             {"subject": "d", "age": "NaN"}]
-    raw = D.subject_covariates(rows, ["age"])
+    raw = subject_covariates(rows, ["age"])
     assert raw == {"a": [20.0], "b": [40.0], "c": [None], "d": [None]}
-    spec = D.fit_covariates(raw, ["age"])
+    spec = fit_covariates(raw, ["age"])
     assert spec == {"columns": ["age"], "mean": [30.0], "std": [10.0], "missing": {"age": 2}}
-    assert D.standardise(spec, [50.0]) == [2.0]
-    assert D.standardise(spec, [None]) == [0.0]  # imputed with the training mean
-    const = D.fit_covariates({"a": [5.0], "b": [5.0]}, ["x"])
-    assert const["std"] == [1.0] and D.standardise(const, [5.0]) == [0.0]
+    assert standardise(spec, [50.0]) == [2.0]
+    assert standardise(spec, [None]) == [0.0]  # imputed with the training mean
+    const = fit_covariates({"a": [5.0], "b": [5.0]}, ["x"])
+    assert const["std"] == [1.0] and standardise(const, [5.0]) == [0.0]
 
 
 def test_bad_columns_are_one_line_errors() -> None:
     rows = [{"subject": "a", "sex": "F", "age": "20"}]
     with pytest.raises(MrivqError, match=r"column 'sex' is not numeric .*'F'.*data.condition_on=sex"):
-        D.subject_covariates(rows, ["sex"])
+        subject_covariates(rows, ["sex"])
     with pytest.raises(MrivqError, match=r"no column 'weight'; columns: age, sex"):
-        D.subject_covariates(rows, ["weight"])
+        subject_covariates(rows, ["weight"])
     with pytest.raises(MrivqError, match="no training subject has a value in column 'age'"):
-        D.fit_covariates({"a": [None]}, ["age"])
+        fit_covariates({"a": [None]}, ["age"])
 
 
 def test_parse_fills_training_means_and_rejects_unknown_names() -> None:
     spec = {"columns": ["age", "tiv"], "mean": [50.0, 1400.0], "std": [10.0, 100.0]}
-    assert D.parse_covariates(spec, {"age": 70}, "r") == {"age": 70.0, "tiv": 1400.0}
-    assert D.parse_covariates(spec, None, "r") == {"age": 50.0, "tiv": 1400.0}
+    assert parse_covariates(spec, {"age": 70}, "r") == {"age": 70.0, "tiv": 1400.0}
+    assert parse_covariates(spec, None, "r") == {"age": 50.0, "tiv": 1400.0}
     with pytest.raises(MrivqError, match="--covariate bmi is not a covariate of run r; it has: age, tiv"):
-        D.parse_covariates(spec, {"bmi": 1.0}, "r")
-    assert D.parse_covariates(None, None, "r") == {}
+        parse_covariates(spec, {"bmi": 1.0}, "r")
+    assert parse_covariates(None, None, "r") == {}
     with pytest.raises(MrivqError, match="run r has no covariates; drop --covariate"):
-        D.parse_covariates(None, {"age": 3.0}, "r")
+        parse_covariates(None, {"age": 3.0}, "r")
 
 
 def test_prior_learns_a_covariate_dependence() -> None:
@@ -82,7 +83,7 @@ def test_train_synth_and_score_with_an_age_covariate(phantom_root: Path, tmp_pat
     cov = info["covariates"]
     # fitted on the training subjects only, in the order the code cache holds them
     codes = torch.load(run / "codes" / "codes.pt", weights_only=True)
-    ages = {r["subject"]: float(r["age"]) for r in D.load_manifest(phantom_root / "phantom")}
+    ages = {r["subject"]: float(r["age"]) for r in load_manifest(phantom_root / "phantom")}
     train_ages = [ages[s] for s in codes["train_subjects"]]
     assert cov["columns"] == ["age"] and cov["missing"] == {"age": 0}
     assert math.isclose(cov["mean"][0], sum(train_ages) / len(train_ages), rel_tol=1e-9)
@@ -136,4 +137,4 @@ def test_a_non_finite_covariate_is_refused(value: float) -> None:
     """``--covariate age=nan`` used to condition on NaN and write NaN into the JSON sidecar."""
     spec = {"columns": ["age"], "mean": [50.0], "std": [10.0], "missing": {"age": 0}}
     with pytest.raises(MrivqError, match="is not a finite number"):
-        D.parse_covariates(spec, {"age": value}, "run")
+        parse_covariates(spec, {"age": value}, "run")

@@ -105,7 +105,7 @@ def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(
         "import os, sys\n"
-        "import mrivq.split as S\n"
+        "import mrivq.data.split as S\n"
         "from mrivq.utils.errors import MrivqError\n"
         "calls = {'n': 0}\n"
         "orig = S.collate_items\n"

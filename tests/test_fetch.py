@@ -32,7 +32,8 @@ import yaml
 import mrivq.datasets.layouts
 from mrivq.datasets.archive import safe_extract
 from mrivq.datasets.catalog import Card, get_card, load_card
-from mrivq.datasets.fetch import FetchResult, fetch
+from mrivq.datasets.fetch.job import fetch
+from mrivq.datasets.fetch.state import FetchResult
 from mrivq.utils.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from tests.httpserver import FileServer
 
@@ -255,7 +256,7 @@ def _kill_script(card_path: Path, root: Path) -> str:
         from tests.test_fetch import use_tiny_layout
         use_tiny_layout()
         from mrivq.datasets.catalog import load_card
-        from mrivq.datasets.fetch import fetch
+        from mrivq.datasets.fetch.job import fetch
         fetch(load_card({str(card_path)!r}), {str(root)!r}, modalities=["t1"], backoff=0.001)
         """)
 
@@ -674,7 +675,7 @@ def _concurrent_script(card_path: Path, root: Path, out: Path) -> str:
         from tests.test_fetch import use_tiny_layout
         use_tiny_layout()
         from mrivq.datasets.catalog import load_card
-        from mrivq.datasets.fetch import fetch
+        from mrivq.datasets.fetch.job import fetch
         res = fetch(load_card({str(card_path)!r}), {str(root)!r}, backoff=0.001)
         open({str(out)!r}, "w").write(json.dumps({{"complete": res.already_complete, "rows": res.rows}}))
         """)

@@ -23,7 +23,7 @@ from mrivq.utils.errors import CardError, ImageReadError, MrivqError
 
 
 def card(layout: str, modalities=(), **options) -> SimpleNamespace:
-    """Stand-in for mrivq.catalog.Card with the attributes the layouts read."""
+    """Stand-in for mrivq.datasets.catalog.Card with the attributes the layouts read."""
     return SimpleNamespace(name=f"test-{layout}", layout=layout, modalities=tuple(modalities), dims=3,
                            files=(), options=options, access="open")
 

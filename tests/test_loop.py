@@ -124,12 +124,12 @@ def test_best_checkpoint_is_chosen_from_best_from_on(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key,value", [("workers", -1), ("workers", "many"), ("cache_workers", 0)])
 def test_loader_and_cache_worker_counts_are_checked(key: str, value: object) -> None:
-    from mrivq.data.split import _fill_workers
-    from mrivq.training.vqvae import _workers
+    from mrivq.data.split import fill_workers
+    from mrivq.training.vqvae import loader_workers
 
     with pytest.raises(MrivqError, match=f"train.{key}="):
         if key == "workers":
-            _workers({"workers": value}, torch.device("cpu"))
+            loader_workers({"workers": value}, torch.device("cpu"))
         else:
-            _fill_workers(value)
-    assert _workers({"workers": "auto"}, torch.device("cpu")) == 0 and _fill_workers("auto") >= 1
+            fill_workers(value)
+    assert loader_workers({"workers": "auto"}, torch.device("cpu")) == 0 and fill_workers("auto") >= 1

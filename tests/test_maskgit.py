@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrivq.inference.sampling import _decode_masked, heal_tokens, log_likelihood, sample_masked, sample_tokens
+from mrivq.inference.sampling import decode_masked, heal_tokens, log_likelihood, sample_masked, sample_tokens
 from mrivq.models.factory import build_prior, prior_from_config
 from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio, masked_nats, masked_token_loss, random_masks
 from mrivq.utils.errors import MrivqError
@@ -90,7 +90,7 @@ def test_each_step_fixes_the_codes_the_schedule_says() -> None:
 
     u = torch.rand(1, 2 * steps * n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        _decode_masked(p, u, steps, 1.0, None, Task())
+        decode_masked(p, u, steps, 1.0, None, Task())
     left = [math.floor(n * mask_ratio((t + 1) / steps)) for t in range(steps - 1)] + [0]
     fixed = [n - left[0]] + [left[t - 1] - left[t] for t in range(1, steps)]
     assert Task.done == fixed and sum(Task.done) == n

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mrivq.evaluate import KEYS
+from mrivq.evaluate.realism import KEYS
 from tests.test_train_cli import TINY, invoke
 
 
@@ -156,10 +156,10 @@ def test_synth_baseline_priors(run: Path, tmp_path: Path) -> None:
         assert side["prior"] == prior and side["sampler"] == "independent"
         assert nib.load(out / "synth_0003.nii.gz").shape == (32, 32, 32)
     # marginal codes only ever take codes that occur at their position in training
-    from mrivq.inference.synth import _baseline_logits
+    from mrivq.inference.synth import baseline_logits
     from mrivq.runs.run import load_run
 
-    lg = _baseline_logits(load_run(run), "marginal")
+    lg = baseline_logits(load_run(run), "marginal")
     codes = torch.load(run / "codes" / "codes.pt", weights_only=True)["train"].long()
     seen = torch.zeros_like(lg, dtype=torch.bool).flatten(0, -2)
     seen[torch.arange(seen.shape[0]).repeat(len(codes)), codes.flatten(1).flatten()] = True

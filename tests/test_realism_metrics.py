@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from mrivq.evaluate import realism_metrics
+from mrivq.evaluate.realism import realism_metrics
 from mrivq.metrics import realism as M
 from mrivq.metrics import twosample as TS
 from mrivq.metrics.features import fid, load_features

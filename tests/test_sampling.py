@@ -225,4 +225,4 @@ def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
     told = Recorder()
     sample_tokens(prior, (3, 4, 3), 2, seed=0, progress=told)
     assert len(told.notes) == 1 and "sampling 72 codes will take about" in told.notes[0]
-    assert S._duration(30) == "30 s" and S._duration(600) == "10 min" and S._duration(7200) == "2.0 h"
+    assert S.duration_text(30) == "30 s" and S.duration_text(600) == "10 min" and S.duration_text(7200) == "2.0 h"

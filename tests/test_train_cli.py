@@ -345,14 +345,14 @@ def test_stage_prior_continues_an_existing_run(trained_run: Path, tmp_path: Path
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    import mrivq.data
+    import mrivq.data.split
 
     def no_preprocessing(*a, **k):
         raise AssertionError("the training set was preprocessed though the code cache is valid")
 
     # with a valid code cache stage 2 needs no image: neither set is preprocessed nor are intensities read
-    monkeypatch.setattr(mrivq.data, "make_dataset", no_preprocessing)
-    monkeypatch.setattr(mrivq.data, "dataset_intensity_stats", no_preprocessing)
+    monkeypatch.setattr(mrivq.data.split, "make_dataset", no_preprocessing)
+    monkeypatch.setattr(mrivq.data.split, "dataset_intensity_stats", no_preprocessing)
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     res = invoke("train", "--stage", "prior", "--run", str(run), "--prior-max-steps", "9", "--device", "cpu")
@@ -456,8 +456,7 @@ def test_split_stays_when_more_subjects_are_fetched(phantom_root: Path, tmp_path
     import csv
     import shutil
 
-    from mrivq import data as D
-
+    from mrivq.data.manifest import load_manifest, select_rows, split_subjects
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)
     run = tmp_path / "run"
@@ -473,8 +472,8 @@ def test_split_stays_when_more_subjects_are_fetched(phantom_root: Path, tmp_path
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(grown)
-    t1 = D.select_rows(D.load_manifest(root / "phantom"), ["t1"])
-    _, va = D.split_subjects(t1, 0.15, 0)
+    t1 = select_rows(load_manifest(root / "phantom"), ["t1"])
+    _, va = split_subjects(t1, 0.15, 0)
     assert sorted({r["subject"] for r in va}) != sorted(split["val"]), "premise: a fresh split would differ"
     res = invoke("train", "--resume", "--out", str(run), "--max-steps", "4", "--device", "cpu")
     assert res.exit_code == 0, res.output

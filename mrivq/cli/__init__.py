@@ -1,1 +1,1 @@
-"""cli"""
+"""The ``mrivq`` command: the typer app and its error boundary, one module per command group."""

@@ -57,7 +57,8 @@ out = Console()
 err = Console(stderr=True)
 
 RootOpt = typer.Option(None, "--root", help="Data root (default: $MRIVQ_DATA, else a per-user data folder).")
-# = mrivq.heal.HealOptions' defaults (not imported here: the CLI starts fast); benchmarks/anomaly.py chose them
+# = mrivq.inference.heal.HealOptions' defaults (not imported here: the CLI starts fast);
+# benchmarks/anomaly.py chose them
 HEAL_THRESHOLD, HEAL_SMOOTH = 0.05, 2.0
 # healing's options, shared by `score --heal` and `eval --anomaly`
 HealThresholdOpt = typer.Option(HEAL_THRESHOLD, "--threshold", help="Healing: redraw codes whose probability "
@@ -162,7 +163,7 @@ def fetch(
 ) -> None:
     """Download (or copy with --from), verify and lay out a dataset; writes manifest.csv."""
     from mrivq.datasets.catalog import get_card, rename_card
-    from mrivq.datasets.fetch import fetch as do_fetch
+    from mrivq.datasets.fetch.job import fetch as do_fetch
 
     card = get_card(name)
     if lesions and card.access != "builtin":
@@ -326,9 +327,9 @@ def eval_(
             threshold=threshold, resamples=resamples, zscore=zscore, smooth=smooth, calibrate=calibrate,
             normalize=normalize).validate(),
             json_out, root, device, overwrite, allow_overlap)
-    from mrivq.inference.files import evaluate
+    from mrivq.evaluate.reconstruction import evaluate_reconstruction
 
-    res = evaluate(run, split=split, device=device)
+    res = evaluate_reconstruction(run, split=split, device=device)
     t = Table(title=f"eval ({split}) {res['run']}")
     t.add_column("metric")
     t.add_column("value")
@@ -403,7 +404,7 @@ def _eval_anomaly(run: Path | None, dataset: str, opts, json_out: Path | None, r
 def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: str | None,
                   features: str | None, json_out: Path | None, root: Path | None, device: str,
                   overwrite: bool, controls: bool) -> None:
-    from mrivq.evaluate import evaluate_realism
+    from mrivq.evaluate.realism import evaluate_realism
 
     with Progress() as prog:
         res = evaluate_realism(run, samples, real, train_set, features=features, json_out=json_out, root=root,

@@ -1,1 +1,1 @@
-"""config"""
+"""Configuration: presets (``configs/*.yaml``), their schema, and every training default."""

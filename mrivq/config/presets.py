@@ -1,7 +1,7 @@
 """Run configuration: presets (``configs/*.yaml``), config files and ``key=value`` overrides.
 
 A config is a plain nested dict with sections ``data`` (the preprocessing, see
-:class:`mrivq.data.Preprocess`), ``model`` (VQ-VAE arguments), ``train`` (stage-1 loop) and ``prior``
+:class:`mrivq.data.preprocess.Preprocess`), ``model`` (VQ-VAE arguments), ``train`` (stage-1 loop) and ``prior``
 (``model`` and ``train`` of stage 2). Presets may name a base (``base: other-preset``) and a stage-1
 preset may name the prior preset that goes with it (``prior_preset: prior3d-cpu``).
 Overrides are dotted ``key=value`` pairs parsed as YAML scalars, as in nanoGPT's configurator:

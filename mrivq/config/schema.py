@@ -3,7 +3,7 @@
 A preset, a ``--config`` file and ``--set`` overrides all end up in one nested dict; :func:`validate`
 refuses (one line naming the dotted key) an unknown key, with the closest known one as a "did you
 mean", and a value of the wrong type or out of range (``train.batch_size=0``, ``model.channels=abc``,
-``train.lr=-1``). The data section's cross-field rules stay in :meth:`mrivq.data.Preprocess.validate`.
+``train.lr=-1``). The data section's cross-field rules stay in :meth:`mrivq.data.preprocess.Preprocess.validate`.
 """
 
 from __future__ import annotations

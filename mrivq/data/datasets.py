@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from mrivq.data.intensity import _stats_of, dataset_intensity_stats
-from mrivq.data.items import _LOHI_MEMO, _data_items, _item_kind, _label, _memo_key
+from mrivq.data.intensity import dataset_intensity_stats, stats_of
+from mrivq.data.items import LOHI_MEMO, data_items, item_kind, item_label, memo_key
 from mrivq.data.manifest import select_rows
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import read_array_file
-from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
+from mrivq.data.transforms import build_transforms, pad_crop_map, run_transforms
 from mrivq.utils.errors import ImageReadError, MrivqError
 
 
@@ -42,7 +42,7 @@ class _Items(torch.utils.data.Dataset):
     def stats(self) -> dict:
         if self._stats is None:
             if self._lohi:
-                self._stats = _stats_of(self._lohi, self.pre)
+                self._stats = stats_of(self._lohi, self.pre)
             else:
                 self._stats = dataset_intensity_stats(self.items, self.dataset_dir, self.pre)
         return self._stats
@@ -72,7 +72,7 @@ class VolumeDataset(_Items):
         if not 0 <= i < len(self):
             raise IndexError(i)
         j, s = divmod(i, self.slices)
-        d = _run(self.base.__getitem__, j)
+        d = run_transforms(self.base.__getitem__, j)
         img = d["image"]
         if self.pre.dims == 2 and img.ndim == 4:  # [n, C, H, W] slices of a volume
             img = img[s]
@@ -110,8 +110,8 @@ class ArrayDataset(_Items):
         first = self._raw(0) if items else np.zeros((1, 1, 1), np.uint8)
         self._fixed = 255.0 if first.dtype == np.uint8 else None
         self.in_shape = tuple(first.shape[1:])
-        self._map, self.out_shape = _pad_crop_map(self.in_shape, pre)
-        self.labels = [_label(it) for it in items] if has_label else None
+        self._map, self.out_shape = pad_crop_map(self.in_shape, pre)
+        self.labels = [item_label(it) for it in items] if has_label else None
 
     def _raw(self, j: int) -> np.ndarray:
         parts = []
@@ -209,8 +209,8 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
     if cache not in ("memory", "disk", "none"):
         raise MrivqError(f"cache must be memory, disk or none, not {cache!r}")
     items = select_rows(rows, pre.modalities) if rows else []
-    has_label = any(_label(it) >= 0 for it in items)
-    kinds = {_item_kind(it) for it in items}
+    has_label = any(item_label(it) >= 0 for it in items)
+    kinds = {item_kind(it) for it in items}
     if len(kinds) > 1:
         raise MrivqError(f"the selected rows mix {', '.join(sorted(kinds))} images; select one kind")
     kind = kinds.pop() if kinds else "volume"
@@ -227,13 +227,13 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
                                  dtype=getattr(torch, cache_dtype))
     if cache_dtype == "float16" and cache_dir is not None:
         cache_dir = Path(cache_dir) / "float16"
-    data = _data_items(items, dataset_dir, pre, has_label)
+    data = data_items(items, dataset_dir, pre, has_label)
     slices = pre.slices_per_volume if (volumetric and pre.dims == 2) else 1
     lohi: list | None = None
     desc = f"preprocessing {dataset_dir.name}"
     if cache == "memory":
         with _progress_task(progress, desc, len(data)) as task:
-            base = _run(_CacheDataset, data, transform, num_workers, task)
+            base = run_transforms(_CacheDataset, data, transform, num_workers, task)
         lohi = [(c["lo"], c["hi"]) for c in base._cache]
     elif cache == "disk":
         if cache_dir is None:
@@ -243,7 +243,7 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
         base = PersistentDataset(data, transform, cache_dir=Path(cache_dir), **kw)
         with _progress_task(progress, desc, len(data)) as task:
             def warm(i: int):
-                c = _run(base._cachecheck, base.data[i])
+                c = run_transforms(base._cachecheck, base.data[i])
                 with _ADV_LOCK:
                     task.advance()
                 return c["lo"], c["hi"]
@@ -254,5 +254,5 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
         base = Dataset(data, transform)
     if lohi:
         for d, lh in zip(data, lohi, strict=True):
-            _LOHI_MEMO[_memo_key(d)] = ([float(v) for v in lh[0]], [float(v) for v in lh[1]])
+            LOHI_MEMO[memo_key(d)] = ([float(v) for v in lh[0]], [float(v) for v in lh[1]])
     return VolumeDataset(base, items, pre, dataset_dir, slices=slices, has_label=has_label, lohi=lohi)

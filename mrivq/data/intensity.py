@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from monai.transforms import Compose, DivisiblePadd, ResizeWithPadOrCropd
 
-from mrivq.data.items import _LOHI_MEMO, _data_items, _item_kind, _memo_key
+from mrivq.data.items import LOHI_MEMO, data_items, item_kind, memo_key
 from mrivq.data.manifest import select_rows
 from mrivq.data.preprocess import Preprocess
 from mrivq.data.readers import read_array_file
-from mrivq.data.transforms import _run, build_transforms
+from mrivq.data.transforms import build_transforms, run_transforms
 from mrivq.utils.errors import MrivqError
 
 
-def _stats_of(lohi: list, pre: Preprocess) -> dict:
+def stats_of(lohi: list, pre: Preprocess) -> dict:
     lo = np.median(np.asarray([np.asarray(a, dtype=np.float64) for a, _ in lohi]), axis=0)
     hi = np.median(np.asarray([np.asarray(b, dtype=np.float64) for _, b in lohi]), axis=0)
     return {"lo": [float(v) for v in np.atleast_1d(lo)], "hi": [float(v) for v in np.atleast_1d(hi)],
@@ -37,21 +37,21 @@ def dataset_intensity_stats(rows: list[dict], dataset_dir: Path, pre: Preprocess
     items = select_rows(rows, pre.modalities) if rows else []
     if not items:
         raise MrivqError("no subjects to compute intensity statistics from")
-    if _item_kind(items[0]) == "array":
+    if item_kind(items[0]) == "array":
         arr = read_array_file(_abs(items[0]["sources"][0]["path"], dataset_dir))
         c = sum((arr.shape[-1] if arr.ndim == 4 else 1) for _ in items[0]["sources"])
         if arr.dtype == np.uint8:
             return {"lo": [0.0] * c, "hi": [255.0] * c, "n": len(items), "percentiles": list(pre.percentiles)}
     pick = sorted({int(round(v)) for v in np.linspace(0, len(items) - 1, min(n, len(items)))})
     chosen = [items[i] for i in pick]
-    data = _data_items(chosen, dataset_dir, pre, False)
-    volumetric = _item_kind(items[0]) == "volume"
+    data = data_items(chosen, dataset_dir, pre, False)
+    volumetric = item_kind(items[0]) == "volume"
     lohi = []
     todo = []
     for d in data:
-        key = _memo_key(d)
-        if key in _LOHI_MEMO:
-            lohi.append(_LOHI_MEMO[key])
+        key = memo_key(d)
+        if key in LOHI_MEMO:
+            lohi.append(LOHI_MEMO[key])
         else:
             todo.append(d)
     if todo:
@@ -59,10 +59,10 @@ def dataset_intensity_stats(rows: list[dict], dataset_dir: Path, pre: Preprocess
         ts = [t for t in full if not isinstance(t, (DivisiblePadd, ResizeWithPadOrCropd))]
         t = Compose(ts)
         for d in todo:
-            out = _run(t, copy.deepcopy(d))
+            out = run_transforms(t, copy.deepcopy(d))
             lohi.append((out["lo"], out["hi"]))
-            _LOHI_MEMO[_memo_key(d)] = (out["lo"], out["hi"])
-    return _stats_of(lohi, pre)
+            LOHI_MEMO[memo_key(d)] = (out["lo"], out["hi"])
+    return stats_of(lohi, pre)
 
 
 def intensity_range(stats: dict | Any) -> tuple[np.ndarray, np.ndarray]:

@@ -10,17 +10,17 @@ import json
 from pathlib import Path
 
 from mrivq.data.preprocess import Preprocess
-from mrivq.data.readers import _is_image2d
+from mrivq.data.readers import is_image2d
 
 #: Bump when the pipeline changes in a way that makes disk caches stale (it is part of the cache key).
 DATA_VERSION = 1
 
 
-def _item_kind(item: dict) -> str:
+def item_kind(item: dict) -> str:
     src = item["sources"][0]
     if "index" in src:
         return "array"
-    if _is_image2d(Path(src["path"])):
+    if is_image2d(Path(src["path"])):
         return "image2d"
     return "volume"
 
@@ -33,7 +33,7 @@ def _stamp(path: Path) -> list:
         return [-1, -1]
 
 
-def _data_items(items: list[dict], dataset_dir: Path, pre: Preprocess, has_label: bool) -> list[dict]:
+def data_items(items: list[dict], dataset_dir: Path, pre: Preprocess, has_label: bool) -> list[dict]:
     pre_json = pre.to_json()
     out = []
     for it in items:
@@ -45,12 +45,12 @@ def _data_items(items: list[dict], dataset_dir: Path, pre: Preprocess, has_label
         d = {"image": sources, "subject": str(it["subject"]), "_pre": pre_json, "_v": DATA_VERSION,
              "_stamp": [_stamp(Path(s["path"])) for s in sources]}
         if has_label:
-            d["label"] = _label(it)
+            d["label"] = item_label(it)
         out.append(d)
     return out
 
 
-def _label(item: dict) -> int:
+def item_label(item: dict) -> int:
     """The item's class label, -1 when it has none (or a non-class one, e.g. MSD's segmentation path)."""
     v = str(item.get("label", "") or "")
     try:
@@ -60,8 +60,8 @@ def _label(item: dict) -> int:
     return int(f) if f.is_integer() else -1
 
 
-_LOHI_MEMO: dict[str, tuple[list, list]] = {}
+LOHI_MEMO: dict[str, tuple[list, list]] = {}
 
 
-def _memo_key(d: dict) -> str:
+def memo_key(d: dict) -> str:
     return json.dumps([d["image"], d["_pre"], d["_stamp"]], sort_keys=True, default=str)

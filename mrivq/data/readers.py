@@ -1,5 +1,5 @@
 """Reading one source into an array: IDX/CIFAR array files (read once per file and kept in memory),
-PNG/JPEG 2D images, and volumes through :func:`mrivq.io.images.load_volume` (:func:`_load_source`); also the
+PNG/JPEG 2D images, and volumes through :func:`mrivq.io.images.load_volume` (:func:`load_source`); also the
 stored dtype of an input file, so outputs can be written back alike.
 """
 
@@ -15,7 +15,7 @@ from mrivq.utils.errors import ImageReadError, MrivqError
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
-_ARRAYS: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # resolved path -> (size, mtime), array
+ARRAYS: dict[str, tuple[tuple[int, int], np.ndarray]] = {}  # resolved path -> (size, mtime), array
 _ARRAYS_LOCK = threading.Lock()
 
 
@@ -48,8 +48,8 @@ def read_array_file(path: Path) -> np.ndarray:
         raise ImageReadError(f"{path} does not exist; re-fetch the dataset") from None
     key, stamp = str(path.resolve()), (st.st_size, st.st_mtime_ns)
     with _ARRAYS_LOCK:
-        if key in _ARRAYS and _ARRAYS[key][0] == stamp:
-            return _ARRAYS[key][1]
+        if key in ARRAYS and ARRAYS[key][0] == stamp:
+            return ARRAYS[key][1]
         kind = _array_kind(path)
         try:
             if kind == "idx":
@@ -67,7 +67,7 @@ def read_array_file(path: Path) -> np.ndarray:
                 from None
         if arr.ndim not in (3, 4):
             raise ImageReadError(f"{path} holds an array of shape {arr.shape}, not a stack of 2D images")
-        _ARRAYS[key] = (stamp, arr)
+        ARRAYS[key] = (stamp, arr)
         return arr
 
 
@@ -91,11 +91,11 @@ def _read_image2d(path: Path) -> np.ndarray:
     return arr
 
 
-def _is_image2d(path: Path) -> bool:
+def is_image2d(path: Path) -> bool:
     return Path(path).suffix.lower() in _IMAGE_SUFFIXES
 
 
-def _input_dtype(path: Path) -> str:
+def input_dtype(path: Path) -> str:
     """The stored data type of an input file (for writing outputs back alike)."""
     name = Path(path).name.lower()
     if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
@@ -108,7 +108,7 @@ def _input_dtype(path: Path) -> str:
     return "float32"
 
 
-def _load_source(src: dict, base: Path | None) -> tuple[np.ndarray, np.ndarray, bool, tuple | None]:
+def load_source(src: dict, base: Path | None) -> tuple[np.ndarray, np.ndarray, bool, tuple | None]:
     """One source -> (array channel-first [C, *spatial], affine 4x4, had_channel_axis, fixed_range)."""
     path = Path(src["path"])
     if base is not None and not path.is_absolute():
@@ -123,7 +123,7 @@ def _load_source(src: dict, base: Path | None) -> tuple[np.ndarray, np.ndarray, 
         img = np.moveaxis(img, -1, 0) if chans else img[None]
         fixed = (0.0, 255.0) if arr.dtype == np.uint8 else None
         return img.astype(np.float32), np.eye(4), chans, fixed
-    if _is_image2d(path):
+    if is_image2d(path):
         img = _read_image2d(path)
         fixed = (0.0, 255.0) if img.dtype == np.uint8 else None
         chans = img.ndim == 3

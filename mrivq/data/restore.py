@@ -20,8 +20,8 @@ from monai.transforms import SpatialResample
 from monai.utils import TraceKeys
 
 from mrivq.data.preprocess import Preprocess
-from mrivq.data.readers import _input_dtype, _is_image2d
-from mrivq.data.transforms import _pad_crop_map, _run, build_transforms
+from mrivq.data.readers import input_dtype, is_image2d
+from mrivq.data.transforms import build_transforms, pad_crop_map, run_transforms
 from mrivq.utils.errors import ImageReadError, MrivqError
 
 #: ctx format written by :func:`preprocess_file`.
@@ -86,11 +86,11 @@ def preprocess_file(path: Path | str | Sequence[Path | str], pre: Preprocess) ->
     for p in paths:
         if not p.exists():
             raise ImageReadError(f"{p} does not exist; check the path")
-    image2d = _is_image2d(paths[0])
+    image2d = is_image2d(paths[0])
     if image2d and pre.dims != 2:
         raise MrivqError(f"{paths[0]} is a 2D image but the model is 3D; give a NIfTI volume or DICOM folder")
     t = build_transforms(pre, volumetric=not image2d, for_dataset=False)
-    d = _run(t, {"image": [{"path": str(p)} for p in paths], "subject": paths[0].name})
+    d = run_transforms(t, {"image": [{"path": str(p)} for p in paths], "subject": paths[0].name})
     img = d["image"]
     n_ch, want = int(img.shape[0]), pre.channels
     if not image2d and want > 1 and n_ch != want:
@@ -106,7 +106,7 @@ def preprocess_file(path: Path | str | Sequence[Path | str], pre: Preprocess) ->
         "channels": n_ch,
         "channels_last": bool(d["channels_last"] or len(paths) > 1),
         "affine": d["orig_affine"],
-        "dtype": _input_dtype(paths[0]),
+        "dtype": input_dtype(paths[0]),
         "lo": [float(v) for v in d["lo"]],
         "hi": [float(v) for v in d["hi"]],
         "fixed_range": d.get("fixed_range"),
@@ -204,7 +204,7 @@ def _restore_resample(x: torch.Tensor, ctx: dict) -> torch.Tensor:
         y = torch.as_tensor(res.as_tensor() if hasattr(res, "as_tensor") else res).float()
     else:  # 2D images: only a centred pad/crop happened; invert it with the forward index map
         pre = Preprocess.from_dict(ctx["pre"])
-        mapping, _ = _pad_crop_map(tuple(shape), pre)
+        mapping, _ = pad_crop_map(tuple(shape), pre)
         flat = x.reshape(x.shape[0], -1)
         y = torch.zeros((x.shape[0], int(np.prod(shape))))
         valid = mapping >= 0

@@ -16,8 +16,12 @@ from typing import Any
 
 import torch
 
-from mrivq import data as D
 from mrivq.config.defaults import train_settings
+from mrivq.data.covariates import fit_covariates, standardise, subject_covariates
+from mrivq.data.datasets import make_dataset
+from mrivq.data.intensity import dataset_intensity_stats
+from mrivq.data.manifest import condition_items, load_manifest, pool_rows, select_rows, split_subjects
+from mrivq.data.preprocess import Preprocess
 from mrivq.utils.errors import MrivqError
 from mrivq.utils.progress import Progress
 
@@ -50,7 +54,7 @@ class LazyDataset(torch.utils.data.Dataset):
 class Split:
     train: Any  # torch Dataset of {"image", "subject", ["label"]} (a LazyDataset)
     val: Any
-    pre: D.Preprocess
+    pre: Preprocess
     _stats: Any  # a callable until first read, then the dict (see ``stats``)
     classes: dict | None = None  # {"column": "site", "names": [...]}: class id i means names[i]
     covariates: dict | None = None  # {"columns", "mean", "std", "missing"} (data.covariates)
@@ -73,21 +77,21 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     ``subjects`` (a run's recorded split, :attr:`Split.subjects`) fixes which subjects are training and
     validation, in that order: subjects fetched later stay out, and a recorded subject that the
     manifest lost is an error, not a silently smaller set."""
-    pre = D.Preprocess.from_dict(cfg["data"])
+    pre = Preprocess.from_dict(cfg["data"])
     levels = len(cfg.get("model", {}).get("channels") or ())
     if levels:  # pad to the model's downsampling factor even when a --set changed the levels
         pre.divisible_by = math.lcm(int(pre.divisible_by), 2 ** levels)
     pre.validate()
     tcfg = train_settings(cfg)
-    rows = D.load_manifest(data_dir)
-    rows = D.pool_rows(rows, pre.modalities) if pre.pool_modalities else D.select_rows(rows, pre.modalities)
+    rows = load_manifest(data_dir)
+    rows = pool_rows(rows, pre.modalities) if pre.pool_modalities else select_rows(rows, pre.modalities)
     classes = None
     column = cfg["data"].get("condition_on")
     if column:
         if column == "modality" and not pre.pool_modalities and len(pre.modalities) > 1:
             raise MrivqError("data.condition_on=modality needs data.pool_modalities=true (each modality its "
                              "own image); add --set data.pool_modalities=true")
-        rows, names = D.condition_items(rows, str(column), order=pre.modalities if column == "modality" else None)
+        rows, names = condition_items(rows, str(column), order=pre.modalities if column == "modality" else None)
         classes = {"column": str(column), "names": names}
     if cfg["data"].get("max_subjects"):
         keep = sorted({r["subject"] for r in rows})[: int(cfg["data"]["max_subjects"])]
@@ -95,7 +99,7 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     if subjects:
         tr_rows, va_rows = (_recorded(rows, subjects[k], k, data_dir) for k in ("train", "val"))
     else:
-        tr_rows, va_rows = D.split_subjects(rows, tcfg["val_fraction"], tcfg["seed"])
+        tr_rows, va_rows = split_subjects(rows, tcfg["val_fraction"], tcfg["seed"])
         if cfg["data"].get("max_val_subjects"):
             keep = sorted({r["subject"] for r in va_rows})[: int(cfg["data"]["max_val_subjects"])]
             va_rows = [r for r in va_rows if r["subject"] in set(keep)]
@@ -106,24 +110,24 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     cache = tcfg["cache"]
     cache_dir = data_dir / ".mrivq" / "cache" if cache == "disk" else None
     kw = {"cache": cache, "cache_dir": cache_dir, "progress": progress, "cache_dtype": tcfg["cache_dtype"],
-          "num_workers": _fill_workers(tcfg["cache_workers"])}
-    train = LazyDataset(partial(D.make_dataset, tr_rows, data_dir, pre, **kw))
-    val = LazyDataset(partial(D.make_dataset, va_rows, data_dir, pre, **kw))
+          "num_workers": fill_workers(tcfg["cache_workers"])}
+    train = LazyDataset(partial(make_dataset, tr_rows, data_dir, pre, **kw))
+    val = LazyDataset(partial(make_dataset, va_rows, data_dir, pre, **kw))
 
     def stats() -> dict:
-        out = D.dataset_intensity_stats(tr_rows, data_dir, pre)
+        out = dataset_intensity_stats(tr_rows, data_dir, pre)
         if pre.pool_modalities:  # each modality's own range, so synthesized T2s come out in T2 units
             by_mod: dict[str, list] = {}
             for r in tr_rows:
                 by_mod.setdefault(r["modality"], []).append(r)
-            out["by_modality"] = {m: D.dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
+            out["by_modality"] = {m: dataset_intensity_stats(rs, data_dir, pre) for m, rs in by_mod.items()}
         return out
 
     recorded = {k: list(dict.fromkeys(r["subject"] for r in rs)) for k, rs in (("train", tr_rows), ("val", va_rows))}
     return Split(train, val, pre, stats, classes, covariates, cov_values, recorded)
 
 
-def _fill_workers(value: Any) -> int:
+def fill_workers(value: Any) -> int:
     """``train.cache_workers``: threads that preprocess into the cache (``auto``: every core)."""
     import os
 
@@ -151,10 +155,10 @@ def _covariates(columns: Any, rows: list[dict], tr_rows: list[dict]) -> tuple[di
     if not columns:
         return None, None
     columns = [columns] if isinstance(columns, str) else list(columns)
-    raw = D.subject_covariates(rows, columns)
+    raw = subject_covariates(rows, columns)
     train_subjects = {r["subject"] for r in tr_rows}
-    spec = D.fit_covariates({s: v for s, v in raw.items() if s in train_subjects}, columns)
-    return spec, {s: D.standardise(spec, v) for s, v in raw.items()}
+    spec = fit_covariates({s: v for s, v in raw.items() if s in train_subjects}, columns)
+    return spec, {s: standardise(spec, v) for s, v in raw.items()}
 
 
 def collate(ds: Any, idx: list[int], device: torch.device) -> dict:
@@ -193,7 +197,7 @@ class _Steps(torch.utils.data.Sampler):
 class StepBatches:
     """Training batches by step from a ``torch.utils.data.DataLoader`` with ``workers`` processes and
     pinned memory on GPUs, so the GPU does not wait on one Python thread. Which items make up step ``s``
-    stays a pure function of ``s`` (:func:`mrivq.training.loop.batch_indices`), so ``--resume`` is exact: a
+    stays a pure function of ``s`` (:func:`batch_indices`), so ``--resume`` is exact: a
     loader is (re)started at the step asked for, and workers only prefetch what comes next."""
 
     def __init__(self, ds: Any, batch_size: int, seed: int, total: int, device: torch.device,

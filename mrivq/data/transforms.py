@@ -1,7 +1,7 @@
 """The MONAI transforms of the pipeline: :class:`LoadSourcesd` (sources -> MetaTensor),
 :class:`ScalePercentilesd` (invertible percentile scaling), :class:`CentralSlicesd`, the pad/crop
 choice and its index map for 2D arrays, :func:`build_transforms` (the Compose used by datasets,
-single files and :func:`mrivq.data.restore`) and :func:`_run`, which surfaces our one-line errors
+single files and :func:`mrivq.data.restore`) and :func:`run_transforms`, which surfaces our one-line errors
 from inside MONAI's wrapped ones.
 """
 
@@ -27,7 +27,7 @@ from monai.transforms import (
 )
 
 from mrivq.data.preprocess import Preprocess
-from mrivq.data.readers import _is_image2d, _load_source
+from mrivq.data.readers import is_image2d, load_source
 from mrivq.utils.errors import ImageReadError, MrivqError, find_in_chain
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -47,7 +47,7 @@ class LoadSourcesd(MapTransform):
             sources = d[key]
             chans, fixed, ref_aff, ref_shape, had_ch = [], None, None, None, False
             for i, src in enumerate(sources):
-                arr, aff, ch, fx = _load_source(src, self.base)
+                arr, aff, ch, fx = load_source(src, self.base)
                 if i == 0:
                     ref_aff, ref_shape, had_ch, fixed = aff, arr.shape[1:], ch, fx
                     chans.append(torch.from_numpy(arr))
@@ -56,7 +56,7 @@ class LoadSourcesd(MapTransform):
                 if arr.shape[1:] == ref_shape and np.allclose(aff, ref_aff, atol=1e-4):
                     chans.append(torch.from_numpy(arr))
                     continue
-                if "index" in src or _is_image2d(Path(src["path"])):
+                if "index" in src or is_image2d(Path(src["path"])):
                     raise ImageReadError(f"{src['path']} is {arr.shape[1:]} but {sources[0]['path']} is "
                                          f"{ref_shape}; 2D channels must have the same size")
                 mt = MetaTensor(torch.from_numpy(arr), affine=torch.as_tensor(aff))
@@ -227,7 +227,7 @@ def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, ba
     return Compose(ts)
 
 
-def _pad_crop_map(in_shape: tuple[int, ...], pre: Preprocess) -> tuple[torch.Tensor, tuple[int, ...]]:
+def pad_crop_map(in_shape: tuple[int, ...], pre: Preprocess) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Flat source index per output pixel (-1 = padding), from MONAI's own pad/crop on an index grid."""
     grid = torch.arange(1, int(np.prod(in_shape)) + 1, dtype=torch.float64).reshape(1, *in_shape)
     how, arg = _pad_crop(pre, len(in_shape), False)
@@ -243,7 +243,7 @@ def _unwrap_error(e: BaseException) -> MrivqError | None:
     return found if isinstance(found, MrivqError) else None
 
 
-def _run(fn, *args):
+def run_transforms(fn, *args):
     try:
         return fn(*args)
     except Exception as e:

@@ -1,1 +1,1 @@
-"""datasets"""
+"""The dataset catalogue (cards), fetching with verification, dataset layouts, and the phantoms."""

@@ -15,7 +15,7 @@ Card fields (see CONTRIBUTING.md for a worked example):
   ``extract`` (default true for tar/zip archives)
 - ``instructions`` (required for manual), ``options`` (free-form, read by the layout)
 
-Every problem is reported as one :class:`~mrivq.errors.CardError` line naming the card and the field.
+Every problem is reported as one :class:`~mrivq.utils.errors.CardError` line naming the card and the field.
 """
 
 from __future__ import annotations

@@ -199,8 +199,9 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     Returns ``{"metrics": ..., "path": json, "pictures": folder}``; the JSON has, per method,
     ``pooled`` (``auprc``, ``auroc``, ``best_dice``, ``dice`` at the calibrated threshold), ``subjects``,
     ``kinds`` and ``sizes``, and the top level repeats the healed method's pooled figures."""
-    from mrivq.inference.files import _load, resolve_heal
+    from mrivq.inference.files import resolve_heal
     from mrivq.inference.heal import HealOptions
+    from mrivq.runs.run import load_run_on
     from mrivq.utils.atomic import atomic_write_bytes
     from mrivq.utils.paths import resolve_root
 
@@ -215,7 +216,7 @@ def evaluate_anomaly(run: Path | None, dataset: str, *, root: Path | None = None
     if not (ddir / "manifest.csv").is_file():
         raise MrivqError(f"dataset {name!r} is not fetched under {ddir.parent}; fetch lesion phantoms with "
                          f"`mrivq fetch phantom --lesions` or pass --root")
-    r, dev = _load(run, device, need_prior=True)
+    r, dev = load_run_on(run, device, need_prior=True)
     if r.preprocess.dims != 3:
         raise MrivqError(f"run {r.path.name} is 2D; eval --anomaly measures 3D runs")
     opts = resolve_heal(r, opts)  # recorded as used

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrivq.evaluate.volumes import load_samples, load_spec, nifti_files
+from mrivq.evaluate.volumes import load_samples, load_spec
+from mrivq.io.files import nifti_files
 from mrivq.metrics import realism as M
 from mrivq.metrics import twosample as TS
 from mrivq.utils.errors import MrivqError
@@ -190,7 +191,7 @@ def _fid(features: Any, synth: np.ndarray, real: np.ndarray) -> float:
     return fid(features(synth), features(real))
 
 
-def _samples_calibrated(files: list[Path]) -> bool:
+def samples_calibrated(files: list[Path]) -> bool:
     """Whether the samples went through the run's intensity calibration: their synth sidecars say
     so (one from before calibrations existed: no); files without sidecars (not written by ``mrivq
     synth``) are taken as synth's default."""
@@ -290,7 +291,7 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
         if other is not None and other.x.shape[1:] != S.x.shape[1:]:
             raise MrivqError(f"{other.source} preprocesses to {other.x.shape[1:]} but the samples to "
                              f"{S.x.shape[1:]}; compare volumes of one run")
-    cal = _samples_calibrated(files) and r.calibration is not None
+    cal = samples_calibrated(files) and r.calibration is not None
     space = (_reconstruct(r, T.x, progress, calibrate=cal), _reconstruct(r, R.x, progress, calibrate=cal)) \
         if T is not None else None
     ctrl, note = None, None

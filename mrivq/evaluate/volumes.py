@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mrivq.io.images import NIFTI_SUFFIXES
+from mrivq.io.files import nifti_files
 from mrivq.utils.errors import MrivqError
 
 SPLITS = ("train", "val", "all")
@@ -38,10 +38,9 @@ class VolumeSet:
 def _transform_source(src: dict, name: str, pre: Any) -> np.ndarray:
     from monai.data import MetaTensor
 
-    from mrivq.data import build_transforms
-    from mrivq.data.transforms import _run
+    from mrivq.data.transforms import build_transforms, run_transforms
 
-    d = _run(build_transforms(pre, volumetric=True, for_dataset=False), {"image": [src], "subject": name})
+    d = run_transforms(build_transforms(pre, volumetric=True, for_dataset=False), {"image": [src], "subject": name})
     img = d["image"]
     return (img.as_tensor() if isinstance(img, MetaTensor) else img).float().numpy()
 
@@ -55,15 +54,6 @@ def _stack(arrays: list[np.ndarray], names: list[str], source: str, pre: Any) ->
     if x.ndim != pre.dims + 2:
         raise MrivqError(f"{source} gives {x.ndim - 2}D images but the run is {pre.dims}D")
     return VolumeSet(x, names, source)
-
-
-def nifti_files(folder: Path) -> list[Path]:
-    """NIfTI/Analyze files directly in ``folder``, in natural order."""
-    from mrivq.io.images import _natural
-
-    ok = NIFTI_SUFFIXES + (".hdr", ".hdr.gz")
-    return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.name.lower().endswith(ok)),
-                  key=lambda p: _natural(p.name))
 
 
 def load_folder(folder: Path, pre: Any, progress: Any = None, what: str = "volumes",
@@ -147,7 +137,7 @@ def on_synth_grid(path: Path, run: Any) -> bool:
     preprocessing, as real scans do."""
     import nibabel as nib
 
-    from mrivq.data import synth_geometry
+    from mrivq.data.intensity import synth_geometry
     from mrivq.inference.synth import read_sidecar
 
     side = read_sidecar(path)
@@ -201,7 +191,7 @@ def write_as_samples(x: np.ndarray, run: Any, folder: Path, prefix: str = "contr
     """Volumes ``[N, C, *grid]`` in [0, 1] written exactly as ``mrivq synth`` writes its samples (the run's
     intensity range and synth affine, a sidecar saying how they were decoded: ``calibration``, as
     :func:`mrivq.models.calibration.describe` says it), so that a control set takes the samples' path."""
-    from mrivq import data as D
+    from mrivq.data.intensity import synth_geometry, to_intensity
     from mrivq.inference.synth import sample_intensity
     from mrivq.io.images import save_nifti
     from mrivq.runs.folder import write_json
@@ -209,10 +199,10 @@ def write_as_samples(x: np.ndarray, run: Any, folder: Path, prefix: str = "contr
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, v in enumerate(x):
-        vol = D.to_intensity(v, sample_intensity(run, None))
+        vol = to_intensity(v, sample_intensity(run, None))
         p = folder / f"{prefix}_{i:04d}.nii.gz"
         arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
-        save_nifti(arr, D.synth_geometry(run.preprocess, v.shape[1:]), p)
+        save_nifti(arr, synth_geometry(run.preprocess, v.shape[1:]), p)
         write_json(p.with_name(f"{prefix}_{i:04d}.json"), {"calibration": calibration, "index": i})
         out.append(p)
     return out

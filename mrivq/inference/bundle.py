@@ -41,8 +41,8 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """A bundle exported by :func:`export_bundle` as a :class:`~mrivq.runs.Run` (VQ-VAE and prior)."""
-    from mrivq.data import Preprocess
+    """A bundle exported by :func:`export_bundle` as a :class:`~mrivq.runs.run.Run` (VQ-VAE and prior)."""
+    from mrivq.data.preprocess import Preprocess
     from mrivq.models.factory import prior_from_config
     from mrivq.models.vqvae import VQVAE
     from mrivq.utils.errors import RunError
@@ -94,7 +94,8 @@ def _inference_config(num_samples: int) -> dict:
         "seed": 0,
         "temperature": 1.0,
         "output_dir": "$@bundle_root + '/samples'",
-        "network_def": {"_target_": "mrivq.inference.bundle.BundleNetwork", "bundle_root": "@bundle_root", "device": "@device"},
+        "network_def": {"_target_": "mrivq.inference.bundle.BundleNetwork", "bundle_root": "@bundle_root",
+                        "device": "@device"},
         "dataset": {"_target_": "mrivq.SyntheticDataset", "run": "@bundle_root", "num_samples": "@num_samples",
                     "seed": "@seed", "temperature": "@temperature", "intensity": "original", "device": "@device"},
         "saver": {"_target_": "SaveImage", "output_dir": "@output_dir", "output_postfix": "", "output_ext": ".nii.gz",

@@ -1,7 +1,7 @@
 """Using a trained run: evaluate, encode, decode, reconstruct and score single images.
 
 Inputs are any NIfTI file or DICOM series folder; the run's own preprocessing is applied
-(:func:`mrivq.data.preprocess_file`) and outputs are mapped back to the input's shape, affine and
+(:func:`mrivq.data.restore.preprocess_file`) and outputs are mapped back to the input's shape, affine and
 intensity scale (:func:`mrivq.data.restore`).
 """
 
@@ -20,63 +20,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrivq import data as D
+from mrivq.data.restore import preprocess_file, restore, slices_to_volume, volume_to_slices
 from mrivq.io.images import save_nifti
-from mrivq.runs.folder import write_json
-from mrivq.runs.run import Run, load_run
+from mrivq.runs.run import Run, load_run_on
 from mrivq.utils.atomic import new_file_mode
-from mrivq.utils.device import resolve_device
 from mrivq.utils.errors import MrivqError
 from mrivq.utils.limits import check_npz
 
 
-def _load(run: Path | None, device: str, need_prior: bool = False) -> tuple[Run, torch.device]:
-    dev = resolve_device(device)
-    return load_run(run, device=dev, need_prior=need_prior), dev
-
-
-def evaluate(run: Path | None, split: str = "val", device: str = "auto") -> dict:
-    """Reconstruction metrics of the run's VQ-VAE on its train or validation split -> eval.json.
-
-    A run conditioned on a manifest column (``data.condition_on``) is also measured per class under
-    ``by_class``: a pooled T1/T2/PD run gets one PSNR per modality instead of only their mix."""
-    from mrivq.data.split import load_split
-    from mrivq.training.vqvae import reconstruction_metrics
-
-    if split not in ("val", "train"):
-        raise MrivqError(f"--split {split!r} is not one of val, train")
-    r, dev = _load(run, device)
-    sp = load_split(r.config, Path(r.info["data_dir"]), subjects=r.info.get("split"))
-    ds = sp.val if split == "val" else sp.train
-    bs = int(r.config.get("train", {}).get("batch_size", 2))
-    names = r.class_names  # data.condition_on (e.g. pooled modalities): per class too, in the same pass
-    m = reconstruction_metrics(r.vqvae, ds, r.preprocess.dims, bs, dev, by_label=bool(names))
-    by_label = m.pop("by_label", None)
-
-    def strip(d: dict) -> dict:
-        return {k.removeprefix("val_"): v for k, v in d.items()}
-
-    metrics = {**strip(m), "n_images": len(ds)}
-    if by_label:
-        metrics["by_class"] = {names[c]: strip(g) for c, g in by_label.items()}
-    path = r.path / f"eval_{split}.json"
-    write_json(path, {"split": split, "checkpoint_sha256": r.checkpoints["vqvae"], **metrics})
-    return {"run": str(r.path), "metrics": metrics, "path": str(path)}
-
-
-def _prepare(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict]:
+def prepare_input(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict]:
     """Preprocess ``image`` with the run's settings -> a model batch [B, C, *spatial] and its ctx.
 
     A 2D run given a volume encodes it slice by slice along ``preprocess.slice_axis`` (B = slices);
     :func:`_unbatch` puts the slices back together before the geometry is restored.
     """
-    x, ctx = D.preprocess_file(image if isinstance(image, (list, tuple)) else Path(image), r.preprocess)
+    x, ctx = preprocess_file(image if isinstance(image, (list, tuple)) else Path(image), r.preprocess)
     x = torch.as_tensor(x).float()
     want = int(r.info.get("in_channels", x.shape[0]))
     dims = r.preprocess.dims
     if x.ndim == 4 and dims == 2:
         ctx = {**ctx, "_sliced": True}
-        xb = D.volume_to_slices(x, r.preprocess.slice_axis)
+        xb = volume_to_slices(x, r.preprocess.slice_axis)
     elif x.ndim != dims + 1:
         raise MrivqError(f"{image} gives a {x.ndim - 1}D image but run {r.path.name} is {dims}D; "
                          f"use a run trained with --dims {x.ndim - 1}")
@@ -91,7 +55,7 @@ def _prepare(r: Run, image: Path, dev: torch.device) -> tuple[torch.Tensor, dict
 def _unbatch(y: torch.Tensor, ctx: dict, r: Run) -> torch.Tensor:
     """Model-space batch -> one [C, *spatial] image on the preprocessed grid."""
     y = y.detach().float().cpu()
-    return D.slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
+    return slices_to_volume(y, r.preprocess.slice_axis) if ctx.get("_sliced") else y[0]
 
 
 def check_output(output: Path, *inputs: Path, overwrite: bool = False, run: Path | None = None,
@@ -126,8 +90,8 @@ def encode_file(run: Path | None, image: Path, output: Path, device: str = "auto
                 overwrite: bool = False) -> dict:
     """Code indices of ``image`` + the geometry context needed to decode back -> ``.npz``."""
     output = check_output(output, image, overwrite=overwrite, run=run, suffixes=(".npz",))
-    r, dev = _load(run, device)
-    x, ctx = _prepare(r, image, dev)
+    r, dev = load_run_on(run, device)
+    x, ctx = prepare_input(r, image, dev)
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x).cpu().numpy()
     if not ctx.get("_sliced"):
@@ -188,7 +152,7 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
     """Decode a codes ``.npz`` into a NIfTI (or, ``fmt="dicom"``, a DICOM series folder) in the
     original image's geometry."""
     output = check_target(output, codes, fmt=fmt, overwrite=overwrite, run=run)
-    r, dev = _load(run, device)
+    r, dev = load_run_on(run, device)
     if not Path(codes).exists():
         raise MrivqError(f"codes file {codes} does not exist; write one with `mrivq encode`")
     check_npz(Path(codes), "codes file")  # declared sizes, before anything is decompressed
@@ -220,7 +184,7 @@ def decode_file(run: Path | None, codes: Path, output: Path, device: str = "auto
         raise MrivqError(f"{codes} holds code indices outside the run's codebook")
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(idx.to(dev)).float().clamp(0, 1)
-    arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
+    arr, affine = restore(_unbatch(x_hat, ctx, r), ctx)
     _write(arr, affine, output, fmt, overwrite, "decoded")
     return {"path": str(output)}
 
@@ -230,12 +194,12 @@ def reconstruct_file(run: Path | None, image: Path, output: Path, device: str = 
     """Encode and decode ``image``; the output (NIfTI, or ``fmt="dicom"`` a DICOM series folder) has
     its shape, affine and intensity scale."""
     output = check_target(output, image, fmt=fmt, overwrite=overwrite, run=run)
-    r, dev = _load(run, device)
-    x, ctx = _prepare(r, image, dev)
+    r, dev = load_run_on(run, device)
+    x, ctx = prepare_input(r, image, dev)
     with torch.no_grad():
         x_hat = r.vqvae.decode_indices(r.vqvae.encode_indices(x)).float().clamp(0, 1)
     mse = float(F.mse_loss(x_hat, x))
-    arr, affine = D.restore(_unbatch(x_hat, ctx, r), ctx)
+    arr, affine = restore(_unbatch(x_hat, ctx, r), ctx)
     _write(arr, affine, output, fmt, overwrite, "reconstruction")
     return {"path": str(output), "psnr": float(10 * np.log10(1.0 / max(mse, 1e-12)))}
 
@@ -261,15 +225,15 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
     from mrivq.inference.sampling import log_likelihood
 
     output = check_output(output, image, overwrite=overwrite, run=run)
-    r, dev = _load(run, device, need_prior=True)
-    x, ctx = _prepare(r, image, dev)
+    r, dev = load_run_on(run, device, need_prior=True)
+    x, ctx = prepare_input(r, image, dev)
     with torch.no_grad():
         idx = r.vqvae.encode_indices(x)
         cond, cov_values = _prior_cond(r, idx.shape[0], cls, covariates, dev)
         nll = log_likelihood(r.prior, idx, cond).float()
     mode = "trilinear" if nll.ndim == 4 else "bilinear"
     up = F.interpolate(nll[:, None], size=tuple(x.shape[2:]), mode=mode, align_corners=False)
-    arr, affine = D.restore(_unbatch(up, ctx, r), ctx, intensity=False)
+    arr, affine = restore(_unbatch(up, ctx, r), ctx, intensity=False)
     save_nifti(arr, affine, output)
     return {"path": str(output), "mean_nll": float(nll.mean()), "covariates": cov_values or None}
 
@@ -307,7 +271,7 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     from mrivq.inference.heal import heal
 
     opts = resolve_heal(r, opts)  # before any reading: a one-line error if it cannot be honoured
-    x, ctx = _prepare(r, image, dev)
+    x, ctx = prepare_input(r, image, dev)
     cond, cov_values = _prior_cond(r, x.shape[0], cls, covariates, dev)
     res = heal(r.vqvae, r.prior, x, opts, cond, progress=progress,
                reference=run_nll_reference(r) if opts.zscore > 0 else None, calibration=r.calibration,
@@ -315,9 +279,9 @@ def heal_image(r: Run, dev: torch.device, image: Path | list[Path], opts: Any, *
     out: dict[str, Any] = {}
     maps = [k for k in ("anomaly", "recon_residual", "normative_residual", "nll") if k in res]
     for key in maps:
-        out[key], affine = D.restore(_unbatch(res[key], ctx, r), ctx, intensity=False)
-    out["healed"], _ = D.restore(_unbatch(res["healed"], ctx, r), ctx)
-    head, _ = D.restore(_unbatch(res["head"], ctx, r), ctx, intensity=False)
+        out[key], affine = restore(_unbatch(res[key], ctx, r), ctx, intensity=False)
+    out["healed"], _ = restore(_unbatch(res["healed"], ctx, r), ctx)
+    head, _ = restore(_unbatch(res["head"], ctx, r), ctx, intensity=False)
     out["head"] = head > 0.5
     if brain is not None:
         inside = load_mask(brain, out["anomaly"].shape[:3]) if not isinstance(brain, np.ndarray) else brain
@@ -461,7 +425,7 @@ def heal_file(run: Path | None, image: Path, output: Path, opts: Any, *, healed:
               progress: Any = None) -> dict:
     """``score --heal``: the anomaly map at ``output``; the healed volume (``healed``, default
     ``<output>_healed``) and the NLL map (``<output>_nll``) beside it, all in the input's geometry."""
-    from mrivq.io.images import NIFTI_SUFFIXES
+    from mrivq.io.files import NIFTI_SUFFIXES
 
     opts.validate()
     healed = Path(healed) if healed is not None else beside(output, "healed")
@@ -473,7 +437,7 @@ def heal_file(run: Path | None, image: Path, output: Path, opts: Any, *, healed:
         check_output(p, image, *([brain] if brain else []), overwrite=overwrite, run=run, suffixes=NIFTI_SUFFIXES)
     if brain is not None and not Path(brain).is_file():
         raise MrivqError(f"brain mask {brain} does not exist; pass a NIfTI mask in the input's geometry")
-    r, dev = _load(run, device, need_prior=True)
+    r, dev = load_run_on(run, device, need_prior=True)
     res = heal_image(r, dev, image, opts, cls=cls, covariates=covariates, brain=brain, progress=progress)
     for key, p in paths.items():
         save_nifti(res[key], res["affine"], p)

@@ -110,7 +110,7 @@ def _upsample(t: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(t, size=size, mode=mode, align_corners=False)
 
 
-def _erode(mask: torch.Tensor, n: int) -> torch.Tensor:
+def erode_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
     """Binary erosion of ``[B, 1, *spatial]`` by ``n`` voxels (a cube), by min-pooling."""
     if n <= 0:
         return mask
@@ -118,7 +118,7 @@ def _erode(mask: torch.Tensor, n: int) -> torch.Tensor:
     return 1 - pool(1 - mask.float(), 2 * n + 1, stride=1, padding=n)
 
 
-def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
+def fill_mask_holes(mask: torch.Tensor) -> torch.Tensor:
     """The head with its holes filled, per image: a signal void inside the head (an artefact, a
     resection cavity) is dark like the background but is where an anomaly map must look."""
     from scipy.ndimage import binary_fill_holes
@@ -127,7 +127,7 @@ def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.stack(filled)[:, None], device=mask.device).float()
 
 
-def _smooth(t: torch.Tensor, sigma: float) -> torch.Tensor:
+def smooth_map(t: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of ``[B, 1, *spatial]`` (sigma in voxels; 0 leaves it)."""
     if sigma <= 0:
         return t
@@ -237,7 +237,7 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
         size = tuple(x.shape[2:])
         xf = x.float()
         head = (xf.amax(1, keepdim=True) > opts.background) | (dec.mean(1).amax(1, keepdim=True) > opts.background)
-        head = _erode(_fill_holes(head), opts.erode)
+        head = erode_mask(fill_mask_holes(head), opts.erode)
         weight = _upsample(resample[:, None].float(), size).clamp(0, 1)
         ref = xf if opts.against == "input" else recon
         residual = (ref[:, None] - dec).abs().mean(2).mean(1, keepdim=True)  # over channels, then resamples
@@ -248,13 +248,13 @@ def heal(vqvae: Any, prior: Any, x: torch.Tensor, opts: HealOptions, cond: Any =
                 raise MrivqError(f"the healthy residual reference is on a {tuple(mean.shape[2:])} grid, this scan's "
                                  f"model grid is {tuple(plain.shape[2:])}")
             residual, normative = (((t - mean) / std).clamp_min(0) for t in (residual, plain))
-        extra = {"normative_residual": _smooth(normative, opts.smooth) * head} if opts.normalize else {}
+        extra = {"normative_residual": smooth_map(normative, opts.smooth) * head} if opts.normalize else {}
         return {
             **extra,
-            "anomaly": _smooth(residual * weight, opts.smooth) * head,
+            "anomaly": smooth_map(residual * weight, opts.smooth) * head,
             # the baselines get the same smoothing, so that a comparison measures the method
-            "recon_residual": _smooth(plain, opts.smooth) * head,
-            "nll": _smooth(_upsample(nll[:, None], size), opts.smooth) * head,
+            "recon_residual": smooth_map(plain, opts.smooth) * head,
+            "nll": smooth_map(_upsample(nll[:, None], size), opts.smooth) * head,
             "healed": dec.mean(1),
             "resampled": resample,
             "head": head,

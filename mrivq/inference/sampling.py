@@ -52,7 +52,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was)
 
 
-def _uniforms(seed: int | None, n: int, positions: int, first: int = 0) -> torch.Tensor:
+def sample_uniforms(seed: int | None, n: int, positions: int, first: int = 0) -> torch.Tensor:
     """``[n, positions]`` float64 uniforms of samples ``first .. first+n-1``; sample ``i`` uses its own
     generator, seeded with the ``i``-th number drawn from ``seed``."""
     if seed is None:
@@ -375,16 +375,16 @@ def sample_masked(prior: MaskedTokenPrior, n: int, *, steps: int | None = None, 
     dev = torch.device(device) if device is not None else prior.embedding.weight.device
     model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
     bs = max(1, int(batch_size or n or 1))
-    u = _uniforms(seed, n, 2 * steps * npos, first)
+    u = sample_uniforms(seed, n, 2 * steps * npos, first)
     out = torch.empty(n, *shape, dtype=torch.long, device=dev)
     with _eval_mode(model), _task(progress, n * npos) as task:
         for s in range(0, n, bs):
             e = min(n, s + bs)
-            out[s:e] = _decode_masked(model, u[s:e].to(dev), steps, temperature, top_k, task).view(e - s, *shape)
+            out[s:e] = decode_masked(model, u[s:e].to(dev), steps, temperature, top_k, task).view(e - s, *shape)
     return out
 
 
-def _decode_masked(prior: MaskedTokenPrior, u: torch.Tensor, steps: int, temperature: float, top_k: int | None,
+def decode_masked(prior: MaskedTokenPrior, u: torch.Tensor, steps: int, temperature: float, top_k: int | None,
                    task: Any) -> torch.Tensor:
     b, npos, k = u.shape[0], math.prod(prior.latent_shape), prior.num_embeddings
     tokens = torch.full((b, npos), prior.mask_token, dtype=torch.long, device=u.device)
@@ -430,7 +430,7 @@ def _draw(prior: GatedPixelCNN, shape: tuple[int, ...], n: int, given: Given, te
     dev = torch.device(device) if device is not None else prior.embedding.weight.device
     model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
     bs = max(1, int(batch_size or n or 1))
-    u = _uniforms(seed, n, math.prod(shape), first)
+    u = sample_uniforms(seed, n, math.prod(shape), first)
     out = torch.empty(n, *shape, dtype=torch.long, device=dev)
     with _eval_mode(model), _task(progress, n * math.prod(shape)) as task:
         for s in range(0, n, bs):
@@ -495,11 +495,11 @@ class _Estimate:
             self.said = True
             left = spent * (self.total - self.done) / max(self.done, 1)
             if spent + left > ANNOUNCE_ABOVE_S:
-                self.progress.note(f"sampling {self.total:,} codes will take about {_duration(spent + left)} "
+                self.progress.note(f"sampling {self.total:,} codes will take about {duration_text(spent + left)} "
                                    f"({self.done / max(spent, 1e-9):,.0f} codes/s so far)")
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -557,6 +557,6 @@ def sample_independent(logits: torch.Tensor, n: int, *, temperature: float = 1.0
     if top_k is not None and top_k < 1:
         raise MrivqError(f"top_k must be >= 1, got {top_k}")
     p = math.prod(shape)
-    u = _uniforms(seed, n, p)
+    u = sample_uniforms(seed, n, p)
     flat = logits.reshape(1, p, k).expand(n, p, k).reshape(n * p, k)
     return pick(flat, u.reshape(-1), temperature, top_k).reshape(n, *shape)

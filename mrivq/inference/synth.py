@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrivq import data as D
+from mrivq.data.intensity import synth_geometry, to_intensity
 from mrivq.runs.folder import DECODE_BATCH, codes_path, load_codes, write_json
 from mrivq.runs.run import load_run
 from mrivq.utils.device import resolve_device
@@ -26,7 +26,7 @@ from mrivq.utils.progress import Progress, silent
 PRIORS = ("pixelcnn", "marginal", "uniform")
 
 
-def _baseline_logits(r: Any, prior: str) -> torch.Tensor:
+def baseline_logits(r: Any, prior: str) -> torch.Tensor:
     """``[*latent, K]`` logits of a prior-free baseline: per-position training frequencies of the
     codes (from the run's code cache, which must belong to its VQ-VAE) or uniform."""
     from mrivq.inference.sampling import marginal_logits
@@ -176,7 +176,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
         tokens = sample_tokens(r.prior, r.latent_shape, count, temperature=temperature, top_k=top_k, seed=seed,
                                cached=cached, cond=cond, batch_size=batch_size, device=dev, progress=progress)
     else:
-        tokens = sample_independent(_baseline_logits(r, prior), count, temperature=temperature, top_k=top_k,
+        tokens = sample_independent(baseline_logits(r, prior), count, temperature=temperature, top_k=top_k,
                                     seed=seed)
     decoded: dict[int, np.ndarray] = {}
     with torch.no_grad(), progress.task("decode", total=len(todo), unit="sample") as bar:
@@ -195,8 +195,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
                 # complete sample), so an interruption keeps every finished one
                 side = sidecar_of(i)
                 if dims == 3:
-                    affine = D.synth_geometry(r.preprocess, xi.shape[1:])
-                    vol = D.to_intensity(xi, sample_intensity(r, side["class"]))
+                    affine = synth_geometry(r.preprocess, xi.shape[1:])
+                    vol = to_intensity(xi, sample_intensity(r, side["class"]))
                     arr = np.moveaxis(vol, 0, -1) if vol.shape[0] > 1 else vol[0]
                     for p in images_of[i]:
                         if p.name.endswith(".nii.gz"):

@@ -58,7 +58,7 @@ class SyntheticDataset(Dataset):
         self.transform, self.device = transform, device
         self.files: list[Path] | None = None
         if folder is not None:
-            from mrivq.evaluate.volumes import nifti_files
+            from mrivq.io.files import nifti_files
 
             folder = Path(folder)
             if not folder.is_dir():
@@ -110,7 +110,7 @@ class SyntheticDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         from monai.data import MetaTensor
 
-        from mrivq import data as D
+        from mrivq.data.intensity import synth_geometry, to_intensity
         from mrivq.inference.synth import sample_intensity
 
         i = int(i)
@@ -120,8 +120,8 @@ class SyntheticDataset(Dataset):
         r = self._load()
         x, c = self._read(r, i) if self.files is not None else self._sample(r, i)
         if self.intensity == "original":
-            x = D.to_intensity(x, sample_intensity(r, c))
-        affine = D.synth_geometry(r.preprocess, x.shape[1:])
+            x = to_intensity(x, sample_intensity(r, c))
+        affine = synth_geometry(r.preprocess, x.shape[1:])
         image = MetaTensor(torch.as_tensor(x), affine=torch.as_tensor(affine, dtype=torch.float64),
                            meta={"filename_or_obj": f"synth_{i:04d}"})  # SaveImage names files by it
         item = {"image": image,

@@ -1,1 +1,1 @@
-"""io"""
+"""Image files in and out: NIfTI/Analyze/DICOM reading, NIfTI/PNG/DICOM writing, folder listings, previews."""

@@ -3,10 +3,8 @@
 Every reader returns ``(array, affine)``: a float32 array with the spatial axes first (channels last
 for 4D images, e.g. MSD multichannel volumes) and a 4x4 affine mapping voxel indices to RAS+ world
 millimetres (the nibabel convention). Anything wrong with a file (missing, corrupt, truncated, not an
-image, a folder with no or several DICOM series) raises :class:`~mrivq.errors.ImageReadError` with one
+image, a folder with no or several DICOM series) raises :class:`~mrivq.utils.errors.ImageReadError` with one
 line that names the path and says what to do.
-
-The small folder-walking helpers at the bottom are shared by the layout parsers.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from mrivq.io.files import NIFTI_SUFFIXES, iter_files
 from mrivq.utils import limits
 from mrivq.utils.atomic import atomic_write_bytes
 from mrivq.utils.errors import ImageReadError
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ANALYZE_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
 # DICOM to NIfTI world coordinates: DICOM patient space is LPS+, NIfTI/nibabel world space is RAS+.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -523,60 +520,6 @@ def save_png(array: np.ndarray, path: str | os.PathLike, vmin: float | None = No
     return atomic_write_bytes(path, buf.getvalue())
 
 
-# ---------------------------------------------------------------------- helpers for layout parsers
-
-def iter_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Every file under ``root``, in sorted order, skipping hidden files and folders.
-
-    Hidden means a name starting with ``.``: the dataset's own ``.mrivq`` bookkeeping, ``.staging-*``
-    folders of an unfinished fetch, and macOS ``._*`` resource forks that some archives carry.
-    """
-    root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                yield Path(dirpath) / f
 
 
-def relposix(path: Path, root: Path) -> str:
-    """``path`` relative to ``root``, with forward slashes (manifest paths)."""
-    return Path(os.path.relpath(path, root)).as_posix()
 
-
-def strip_suffix(name: str) -> str:
-    """File name without its image suffix: ``a.nii.gz`` -> ``a``, ``b.hdr`` -> ``b``."""
-    low = name.lower()
-    for s in (".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img", ".dcm", ".gz"):
-        if low.endswith(s):
-            return name[: -len(s)]
-    return name
-
-
-def _natural(s: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(s))
-
-
-_DIGITS = re.compile(r"(\d+)")
-
-
-def finish_rows(rows: list[dict[str, Any]], card: Any, columns: tuple[str, ...] = (),
-                sort_by: tuple[str, ...] = ("subject", "modality", "path")) -> list[dict[str, str]]:
-    """Common end of every layout's ``scan``.
-
-    Keeps rows whose modality is one of ``card.modalities`` (all rows when the card lists none;
-    compared case-insensitively), gives every row the same columns (``subject``, ``modality``,
-    ``path``, then ``columns``; missing values are ``""``), turns values into text and sorts
-    naturally (``sub-2`` before ``sub-10``) by ``sort_by`` then by the remaining columns.
-    """
-    wanted = {str(m).lower() for m in (getattr(card, "modalities", None) or ())}
-    cols = ("subject", "modality", "path") + tuple(c for c in columns if c not in ("subject", "modality",
-                                                                                  "path"))
-    out = []
-    for r in rows:
-        if wanted and str(r.get("modality", "")).lower() not in wanted:
-            continue
-        out.append({c: "" if r.get(c) is None else str(r.get(c)) for c in cols})
-    keys = tuple(sort_by) + tuple(c for c in cols if c not in sort_by)
-    out.sort(key=lambda r: tuple(_natural(r[c]) for c in keys))
-    return out

@@ -1,1 +1,1 @@
-"""metrics"""
+"""Numbers from arrays: reconstruction, realism (two-sample tests, diversity, anatomy), anomaly, named features."""

@@ -13,7 +13,7 @@ its extra CSF); it is not matched to a histogram of its own.
 The map is fitted from streaming histograms (:class:`QuantileSketch`: fixed memory at any dataset
 size, exact counts of the values clipped at 0 and 1, where the preprocessed scans have point masses),
 stored in ``run.json`` under ``calibration`` with the hash of the VQ-VAE checkpoint it belongs to, and
-applied by :meth:`mrivq.runs.folder.Run.decode`.
+applied by :meth:`mrivq.runs.run.Run.decode`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def apply_quantile_map(x: torch.Tensor, cal: dict[str, Any]) -> torch.Tensor:
 
 def decode(vqvae: Any, indices: torch.Tensor, calibration: dict | None = None) -> torch.Tensor:
     """Code grids -> float volumes in [0, 1] on the VQ-VAE's device, through ``calibration`` when
-    given (no graph is kept: this is inference). :meth:`mrivq.runs.folder.Run.decode` and healing use it."""
+    given (no graph is kept: this is inference). :meth:`mrivq.runs.run.Run.decode` and healing use it."""
     dev = next(vqvae.parameters()).device
     with torch.no_grad():
         x = vqvae.decode_indices(indices.to(dev)).float().clamp(0, 1)

@@ -159,8 +159,8 @@ class VQVAE(nn.Module):
         eval mode over this batch.
         """
         self._check(x)
-        z_q, vq_loss, idx = self.quantizer(self._run(self.encoder, x))
-        x_hat = self._run(self.decoder, z_q)
+        z_q, vq_loss, idx = self.quantizer(self.run_transforms(self.encoder, x))
+        x_hat = self.run_transforms(self.decoder, z_q)
         if self.training:
             s = self.quantizer.stats()
             ppl, usage = s["perplexity"], s["usage"]
@@ -173,7 +173,7 @@ class VQVAE(nn.Module):
         info = self.forward_with_info(x)
         return info["x_hat"], info["vq_loss"]
 
-    def _run(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run_transforms(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``net(x)``; with ``checkpointing`` in training, block by block under activation checkpointing
         (Chen et al. 2016): each block's activations are recomputed in the backward pass instead of kept,
         which bounds the memory of a 1 mm volume at about a third more compute."""

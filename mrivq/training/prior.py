@@ -87,7 +87,7 @@ def _encode_split(run: RunFolder, split: Any, device: torch.device, progress: Pr
         out[f"{name}_subjects"] = subjects
         if labels:
             out[f"{name}_labels"] = torch.cat(labels)
-    # the decoder's intensity calibration (mrivq.calibration), fitted on the training reconstructions
+    # the decoder's intensity calibration (mrivq.models.calibration), fitted on the training reconstructions
     out["calibration"] = fit_quantile_map(decoded, target, sha) if target is not None else None
     save_checkpoint(cache, out)
     return out

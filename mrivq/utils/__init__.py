@@ -1,1 +1,2 @@
-"""utils"""
+"""Small services every stage uses: errors, atomic writes, paths, progress, limits on inputs, device
+choice, torchrun."""

@@ -10,7 +10,7 @@ gigabytes, read forever or hang.
   "billion laughs" expansion).
 - ``.npz`` members are checked by their declared shape before they are decompressed.
 
-Each refusal is a :class:`~mrivq.errors.MrivqError` whose message names the file and the size.
+Each refusal is a :class:`~mrivq.utils.errors.MrivqError` whose message names the file and the size.
 """
 
 from __future__ import annotations

@@ -27,45 +27,9 @@ Where a fetched file lands: an archive's members keep their paths relative to ``
 non-archive file lands at ``<root>/<name>/<filename>``; a folder given with ``--from`` to a manual card
 lands at ``<root>/<name>/<folder name>/``; the builtin phantom writes at ``<root>/<name>/`` directly.
 
-The code is split by responsibility: :mod:`~mrivq.fetch.job` (:func:`fetch` and the per-dataset
-orchestration), :mod:`~mrivq.fetch.download` (HTTP with resume and retries),
-:mod:`~mrivq.fetch.verify` (hashing and checksum checks), :mod:`~mrivq.fetch.place` (staging and
-atomic placement), :mod:`~mrivq.fetch.state` (markers, leftovers, ``manifest.csv``,
-:class:`FetchResult`) and :mod:`~mrivq.fetch.messages` (modality selection, help texts). Every name
-is re-exported here, so ``from mrivq.datasets.fetch import X`` and ``mrivq.datasets.fetch.X`` work as before the split.
+Modules: :mod:`~mrivq.datasets.fetch.job` (:func:`~mrivq.datasets.fetch.job.fetch` and the per-dataset
+orchestration), :mod:`~mrivq.datasets.fetch.download` (HTTP with resume and retries),
+:mod:`~mrivq.datasets.fetch.verify` (hashing and checksum checks), :mod:`~mrivq.datasets.fetch.place`
+(staging and atomic placement), :mod:`~mrivq.datasets.fetch.state` (markers, leftovers, ``manifest.csv``,
+``FetchResult``) and :mod:`~mrivq.datasets.fetch.messages` (modality selection, help texts).
 """
-
-from __future__ import annotations
-
-from mrivq.datasets.fetch.download import _TRANSIENT_HTTP, _Partial, _range_start, _range_total, _Transient
-from mrivq.datasets.fetch.job import BUILTIN_DEFAULTS, _Fetch, _fmt, _jsonable, fetch
-from mrivq.datasets.fetch.messages import _check_modalities, _from_expectation, _instructions_summary, _manual_help
-from mrivq.datasets.fetch.place import _merge_move
-from mrivq.datasets.fetch.state import _RESERVED, STAGING_PREFIX, STATE, FetchResult
-from mrivq.datasets.fetch.verify import CHUNK, _hash_into, _hashers
-
-# Private names too, as before the split (``mrivq.datasets.fetch._X``).
-__all__ = [
-    "BUILTIN_DEFAULTS",
-    "fetch",
-    "STATE",
-    "STAGING_PREFIX",
-    "FetchResult",
-    "CHUNK",
-    "_TRANSIENT_HTTP",
-    "_Transient",
-    "_Partial",
-    "_range_start",
-    "_range_total",
-    "_Fetch",
-    "_jsonable",
-    "_fmt",
-    "_check_modalities",
-    "_from_expectation",
-    "_manual_help",
-    "_instructions_summary",
-    "_merge_move",
-    "_RESERVED",
-    "_hashers",
-    "_hash_into",
-]

@@ -19,13 +19,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from mrivq.datasets.catalog import CardFile
-from mrivq.datasets.fetch.verify import CHUNK, _hash_into, _hashers
+from mrivq.datasets.fetch.verify import CHUNK, hash_into, new_hashers
 from mrivq.utils.errors import ChecksumError, MrivqError
 
-_TRANSIENT_HTTP = {408, 425, 429}
+TRANSIENT_HTTP = {408, 425, 429}
 
 
-class _Transient(Exception):
+class Transient(Exception):
     """A failure worth retrying; ``progressed`` if bytes arrived before it (resets the retry count)."""
 
     def __init__(self, what: str, *, progressed: bool = False, connect: bool = False) -> None:
@@ -33,8 +33,8 @@ class _Transient(Exception):
         self.progressed, self.connect = progressed, connect
 
 
-class _Download:
-    """Methods of :class:`mrivq.datasets.fetch.job._Fetch` (which sets the attributes they use):
+class Downloader:
+    """Methods of :class:`mrivq.datasets.fetch.job.FetchJob` (which sets the attributes they use):
     the URL of a card file, resumable downloads with retries."""
 
     def _url(self, cf: CardFile) -> str:
@@ -46,7 +46,7 @@ class _Download:
     # ------------------------------------------------------------------ download
     def _download(self, url: str, dest: Path, cf: CardFile) -> dict[str, str]:
         part = dest.with_name(dest.name + ".part")
-        hashers = _hashers(cf)
+        hashers = new_hashers(cf)
         offset = 0
         if part.exists():
             offset = part.stat().st_size
@@ -54,9 +54,9 @@ class _Download:
                 part.unlink()
                 offset = 0
             elif offset:
-                # Resuming after a killed run: hash the bytes already on disk once (see the mrivq.fetch doc).
-                _hash_into(part, hashers)
-        st = _Partial(part, offset, hashers)
+                # Resuming after a killed run: hash the bytes already on disk once (see the mrivq.datasets.fetch doc).
+                hash_into(part, hashers)
+        st = Partial(part, offset, hashers)
         with self.progress.task(cf.filename, total=cf.size, unit="B") as bar:
             bar.reset(offset)
             failures = 0
@@ -67,7 +67,7 @@ class _Download:
                     if self._attempt(url, st, cf, bar):
                         break
                     ever_connected = True
-                except _Transient as e:
+                except Transient as e:
                     ever_connected = ever_connected or not e.connect
                     failures = 1 if e.progressed else failures + 1
                     last = str(e)
@@ -85,8 +85,8 @@ class _Download:
         os.replace(part, dest)
         return got
 
-    def _attempt(self, url: str, st: _Partial, cf: CardFile, bar: Any) -> bool:
-        """One request; returns True when the file is complete, raises _Transient to retry."""
+    def _attempt(self, url: str, st: Partial, cf: CardFile, bar: Any) -> bool:
+        """One request; returns True when the file is complete, raises Transient to retry."""
         from mrivq import __version__
 
         headers = {"User-Agent": f"mrivq/{__version__}", "Accept-Encoding": "identity"}
@@ -98,14 +98,14 @@ class _Download:
             code, reason, hdrs = e.code, e.reason, e.headers
             e.close()
             if code == 416 and st.offset:
-                total = _range_total(hdrs.get("Content-Range", "") if hdrs else "")
+                total = range_total(hdrs.get("Content-Range", "") if hdrs else "")
                 if total is not None and total == st.offset:
                     return True  # the partial already holds the whole file
                 st.restart()
                 bar.reset(0)
-                raise _Transient("range not satisfiable; starting over", progressed=True) from None
-            if code in _TRANSIENT_HTTP or 500 <= code < 600:
-                raise _Transient(f"HTTP {code} {reason}") from None
+                raise Transient("range not satisfiable; starting over", progressed=True) from None
+            if code in TRANSIENT_HTTP or 500 <= code < 600:
+                raise Transient(f"HTTP {code} {reason}") from None
             hint = " (is the --mirror right?)" if self.mirror else ""
             raise MrivqError(f"download failed: HTTP {code} {reason} for {url}{hint}") from None
         except urllib.error.URLError as e:
@@ -114,17 +114,17 @@ class _Download:
                 raise MrivqError(f"cannot reach {host} (name lookup failed); check the network, fetch from "
                                  "another server with --mirror URL, or pass files you already have with "
                                  "--from PATH") from None
-            raise _Transient(str(e.reason), connect=True) from None
+            raise Transient(str(e.reason), connect=True) from None
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Transient(f"{type(e).__name__}: {e}", connect=True) from None
+            raise Transient(f"{type(e).__name__}: {e}", connect=True) from None
         with resp:
             status = resp.status
             if st.offset and status == 206:
-                start = _range_start(resp.headers.get("Content-Range", ""))
+                start = range_start(resp.headers.get("Content-Range", ""))
                 if start != st.offset:
                     st.restart()
                     bar.reset(0)
-                    raise _Transient("server answered a different range; starting over", progressed=True)
+                    raise Transient("server answered a different range; starting over", progressed=True)
             elif st.offset:  # 200 to a Range request: the server ignores Range, take the whole file
                 st.restart()
                 bar.reset(0)
@@ -145,7 +145,7 @@ class _Download:
                     try:
                         chunk = resp.read1(CHUNK)  # what has arrived, up to CHUNK
                     except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
-                        raise _Transient(f"{type(e).__name__}: {e}", progressed=received > 0) from None
+                        raise Transient(f"{type(e).__name__}: {e}", progressed=received > 0) from None
                     if not chunk:
                         break
                     try:
@@ -162,12 +162,12 @@ class _Download:
                     if cf.size is not None and st.offset > cf.size:
                         break  # too long: the size check will reject it
             if expect is not None and received < expect:
-                raise _Transient(f"connection closed after {received} of {expect} bytes",
+                raise Transient(f"connection closed after {received} of {expect} bytes",
                                  progressed=received > 0)
             return True
 
 
-class _Partial:
+class Partial:
     """A ``.part`` file being written and the hash state of the bytes it holds."""
 
     def __init__(self, part: Path, offset: int, hashers: dict[str, Any]) -> None:
@@ -179,11 +179,11 @@ class _Partial:
         self.hashers = {a: hashlib.new(a) for a in self.hashers}
 
 
-def _range_start(content_range: str) -> int | None:
+def range_start(content_range: str) -> int | None:
     m = re.match(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)", content_range)
     return int(m.group(1)) if m else None
 
 
-def _range_total(content_range: str) -> int | None:
+def range_total(content_range: str) -> int | None:
     m = re.match(r"\s*bytes\s+(?:\*|\d+-\d+)/(\d+)", content_range)
     return int(m.group(1)) if m else None

@@ -1,5 +1,5 @@
 """Per-dataset fetch orchestration: :func:`fetch` checks the request, takes the dataset's file lock
-and runs a :class:`_Fetch`, which picks the open, manual or builtin path, works out which card files
+and runs a :class:`FetchJob`, which picks the open, manual or builtin path, works out which card files
 are still to do (or supplied with ``--from``), fetches each part (download or local copy, verify,
 extract, place, completion marker) and writes the manifest.
 """
@@ -16,11 +16,11 @@ from typing import Any
 from mrivq.datasets.archive import kind as archive_kind
 from mrivq.datasets.archive import safe_extract
 from mrivq.datasets.catalog import Card, CardFile, dataset_dir, is_archive
-from mrivq.datasets.fetch.download import _Download
-from mrivq.datasets.fetch.messages import _check_modalities, _from_expectation, _manual_help
-from mrivq.datasets.fetch.place import _Place
-from mrivq.datasets.fetch.state import STATE, FetchResult, _State
-from mrivq.datasets.fetch.verify import _Verify
+from mrivq.datasets.fetch.download import Downloader
+from mrivq.datasets.fetch.messages import check_modalities, from_expectation, manual_help
+from mrivq.datasets.fetch.place import Placer
+from mrivq.datasets.fetch.state import STATE, FetchResult, FetchState
+from mrivq.datasets.fetch.verify import Verifier
 from mrivq.utils.errors import ChecksumError, MrivqError
 from mrivq.utils.progress import Progress, silent
 
@@ -49,18 +49,18 @@ def fetch(card: Card, root: str | os.PathLike, *, modalities: list[str] | None =
     root = Path(root).expanduser()
     src = Path(from_path).expanduser() if from_path is not None else None
     if src is not None and not src.exists():
-        raise MrivqError(f"--from {src} does not exist; {_from_expectation(card)}")
+        raise MrivqError(f"--from {src} does not exist; {from_expectation(card)}")
     if src is not None and card.access == "builtin":
         raise MrivqError(f"dataset '{card.name}' is generated on your machine; --from does not apply")
     if mirror is not None and not re.match(r"^(https?|ftp)://[^/]+", mirror):
         raise MrivqError(f"--mirror {mirror!r} must be an http(s):// or ftp:// URL")
-    mods = _check_modalities(card, modalities)
+    mods = check_modalities(card, modalities)
     from mrivq.datasets.layouts import get_layout
 
     layout = get_layout(card.layout)  # fail fast, before any download
     ddir = dataset_dir(root, card.name)
     if card.access == "manual" and src is None and not (ddir / STATE / "done").is_dir():
-        raise MrivqError(_manual_help(card))
+        raise MrivqError(manual_help(card))
     try:
         (ddir / STATE).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -74,14 +74,14 @@ def fetch(card: Card, root: str | os.PathLike, *, modalities: list[str] | None =
                   file=progress.stream, flush=True)
         lock.acquire()
     try:
-        job = _Fetch(card, ddir, layout, progress, mirror=mirror, retries=retries, timeout=timeout,
+        job = FetchJob(card, ddir, layout, progress, mirror=mirror, retries=retries, timeout=timeout,
                      backoff=backoff)
         return job.run(mods, modalities is not None, src, builtin_options)
     finally:
         lock.release()
 
 
-class _Fetch(_State, _Place, _Verify, _Download):
+class FetchJob(FetchState, Placer, Verifier, Downloader):
     """One fetch of one card into ``ddir`` (the caller holds the lock); the state, placement,
     verification and download methods come from the mixins of the sibling modules."""
 
@@ -131,7 +131,7 @@ class _Fetch(_State, _Place, _Verify, _Download):
         if src is None:
             if self._done_keys() and self._manifest_current():
                 return self._complete()
-            raise MrivqError(_manual_help(self.card))
+            raise MrivqError(manual_help(self.card))
         supplied = self._supplied_files(src, strict=False) if self.card.files else {}
         if supplied:  # the card lists its files (maybe with checksums): same path as open access
             todo = [self._card_file(n) for n in supplied]
@@ -149,7 +149,7 @@ class _Fetch(_State, _Place, _Verify, _Download):
         elif is_archive(src.name) or archive_kind(src) in ("tar", "zip"):
             self._place_archive(src, key)
         else:
-            raise MrivqError(f"--from {src} is not a folder or an archive; {_from_expectation(self.card)}")
+            raise MrivqError(f"--from {src} is not a folder or an archive; {from_expectation(self.card)}")
         return self._finish()
 
     def _run_builtin(self, mods: list[str] | None, options: dict[str, Any] | None) -> FetchResult:
@@ -159,11 +159,11 @@ class _Fetch(_State, _Place, _Verify, _Download):
         if marker is not None:
             had = marker.get("options", {})
             had_mods = marker.get("modalities", [])
-            if {k: had.get(k) for k in opts} == _jsonable(opts) and set(modalities) <= set(had_mods):
+            if {k: had.get(k) for k in opts} == jsonable(opts) and set(modalities) <= set(had_mods):
                 if self._manifest_current():
                     return self._complete()
                 return self._finish()
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in had.items())
+            shown = ", ".join(f"{k}={format_size(v)}" for k, v in had.items())
             raise MrivqError(f"dataset '{self.card.name}' already exists at {self.ddir} with other options "
                              f"({shown}, modalities={','.join(had_mods)}); remove that folder (or use "
                              "another --root) to generate it again with these options")
@@ -178,7 +178,7 @@ class _Fetch(_State, _Place, _Verify, _Download):
         with self._staging() as staging:
             write_dataset(staging, **kwargs)
             entries = self._place(staging, None)
-        self._write_marker("builtin", {"options": _jsonable(opts), "modalities": list(modalities),
+        self._write_marker("builtin", {"options": jsonable(opts), "modalities": list(modalities),
                                        "entries": entries})
         return self._finish()
 
@@ -216,13 +216,13 @@ class _Fetch(_State, _Place, _Verify, _Download):
             found = {n: src / n for n in names if (src / n).is_file()}
             if not found and strict:
                 raise MrivqError(f"--from folder {src} holds none of the card's files; "
-                                 f"{_from_expectation(self.card)}")
+                                 f"{from_expectation(self.card)}")
             return found
         if src.name in names:
             return {src.name: src}
         if strict:
             raise MrivqError(f"--from {src} is not one of the files of dataset '{self.card.name}'; "
-                             f"{_from_expectation(self.card)}")
+                             f"{from_expectation(self.card)}")
         return {}
 
     # ------------------------------------------------------------------ one part
@@ -265,9 +265,9 @@ class _Fetch(_State, _Place, _Verify, _Download):
             source.unlink(missing_ok=True)  # archives are not kept once extracted (disk)
 
 
-def _jsonable(opts: dict[str, Any]) -> dict[str, Any]:
+def jsonable(opts: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
 
 
-def _fmt(v: Any) -> str:
+def format_size(v: Any) -> str:
     return "x".join(str(s) for s in v) if isinstance(v, (list, tuple)) else str(v)

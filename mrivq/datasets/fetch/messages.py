@@ -8,7 +8,7 @@ from mrivq.datasets.catalog import Card
 from mrivq.utils.errors import MrivqError
 
 
-def _check_modalities(card: Card, modalities: list[str] | None) -> list[str] | None:
+def check_modalities(card: Card, modalities: list[str] | None) -> list[str] | None:
     if modalities is None:
         return None
     by_lower = {m.lower(): m for m in card.modalities}
@@ -24,21 +24,21 @@ def _check_modalities(card: Card, modalities: list[str] | None) -> list[str] | N
     return list(dict.fromkeys(out))
 
 
-def _from_expectation(card: Card) -> str:
+def from_expectation(card: Card) -> str:
     names = [f.filename for f in card.files]
     if card.access == "manual":
         return "expected the archive (.tar, .tar.gz, .tgz, .zip) or folder downloaded as the card says: " \
-               + _instructions_summary(card)
+               + instructions_summary(card)
     shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     return f"expected one of the card's files ({shown}) or a folder holding them"
 
 
-def _manual_help(card: Card) -> str:
-    return (f"dataset '{card.name}' cannot be downloaded automatically: {_instructions_summary(card)} — "
+def manual_help(card: Card) -> str:
+    return (f"dataset '{card.name}' cannot be downloaded automatically: {instructions_summary(card)} — "
             f"then pass the downloaded file with --from PATH (see `mrivq datasets show {card.name}`)")
 
 
-def _instructions_summary(card: Card) -> str:
+def instructions_summary(card: Card) -> str:
     text = card.instructions.strip().split("\n\n", 1)[0]
     text = " ".join(text.split())
     return text if len(text) <= 400 else text[:397] + "..."

@@ -15,18 +15,18 @@ from typing import Any
 
 from mrivq.datasets.archive import safe_extract
 from mrivq.datasets.catalog import CardFile
-from mrivq.datasets.fetch.state import _RESERVED, STAGING_PREFIX
+from mrivq.datasets.fetch.state import RESERVED, STAGING_PREFIX
 from mrivq.utils.errors import MrivqError, UnsafeArchiveError
 
 
-def _merge_move(src: Path, dst: Path) -> None:
+def merge_move(src: Path, dst: Path) -> None:
     """Move the contents of ``src`` into ``dst``: whole folders by rename when new, else merged; files
     replace same-named files (a re-extraction of the same part after a killed run)."""
     for entry in sorted(src.iterdir()):
         target = dst / entry.name
         if entry.is_dir() and not entry.is_symlink():
             if target.is_dir() and not target.is_symlink():
-                _merge_move(entry, target)
+                merge_move(entry, target)
             elif target.exists() or target.is_symlink():
                 raise MrivqError(f"cannot place folder {entry.name} in {dst}: a file of that name exists")
             else:
@@ -37,8 +37,8 @@ def _merge_move(src: Path, dst: Path) -> None:
             os.replace(entry, target)
 
 
-class _Place:
-    """Methods of :class:`mrivq.datasets.fetch.job._Fetch` (which sets the attributes they use):
+class Placer:
+    """Methods of :class:`mrivq.datasets.fetch.job.FetchJob` (which sets the attributes they use):
     staging folders and moving their contents into place."""
 
     def _place_folder(self, src: Path, key: str) -> None:
@@ -77,9 +77,9 @@ class _Place:
             prepare(staging, self.card, cf)
         entries = sorted(p.name for p in staging.iterdir())
         for name in entries:
-            if name in _RESERVED or name.startswith(STAGING_PREFIX):
+            if name in RESERVED or name.startswith(STAGING_PREFIX):
                 what = cf.filename if cf is not None else "the source"
                 raise UnsafeArchiveError(f"{what} contains a top-level {name!r}, a name mrivq uses for its "
                                          "own bookkeeping; refusing to place it")
-        _merge_move(staging, self.ddir)
+        merge_move(staging, self.ddir)
         return entries

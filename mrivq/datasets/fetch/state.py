@@ -19,7 +19,7 @@ from mrivq.utils.errors import MrivqError
 
 STATE = ".mrivq"
 STAGING_PREFIX = ".staging-"
-_RESERVED = {STATE, "manifest.csv"}
+RESERVED = {STATE, "manifest.csv"}
 
 
 @dataclass
@@ -34,8 +34,8 @@ class FetchResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class _State:
-    """Methods of :class:`mrivq.datasets.fetch.job._Fetch` (which sets the attributes they use):
+class FetchState:
+    """Methods of :class:`mrivq.datasets.fetch.job.FetchJob` (which sets the attributes they use):
     completion markers, leftovers of a killed fetch, the manifest."""
 
     # ------------------------------------------------------------------ state

@@ -17,14 +17,14 @@ from mrivq.utils.errors import ChecksumError, MrivqError
 CHUNK = 1 << 20
 
 
-def _hashers(cf: CardFile | None) -> dict[str, Any]:
+def new_hashers(cf: CardFile | None) -> dict[str, Any]:
     algos = list(cf.checksums) if cf is not None else []
     if "sha256" not in algos:
         algos.append("sha256")  # recorded in the completion marker even when the card gives only md5
     return {a: hashlib.new(a) for a in algos}
 
 
-def _hash_into(path: Path, hashers: dict[str, Any], bar: Any | None = None) -> int:
+def hash_into(path: Path, hashers: dict[str, Any], bar: Any | None = None) -> int:
     n = 0
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
@@ -36,8 +36,8 @@ def _hash_into(path: Path, hashers: dict[str, Any], bar: Any | None = None) -> i
     return n
 
 
-class _Verify:
-    """Methods of :class:`mrivq.datasets.fetch.job._Fetch` (which sets the attributes they use):
+class Verifier:
+    """Methods of :class:`mrivq.datasets.fetch.job.FetchJob` (which sets the attributes they use):
     size and checksum checks against the card."""
 
     # ------------------------------------------------------------------ verification
@@ -64,14 +64,14 @@ class _Verify:
         raise ChecksumError(f"{cf.filename} from {origin}: {problem}; {todo}")
 
     def _verify_local(self, path: Path, cf: CardFile) -> dict[str, str]:
-        hashers = _hashers(cf)
+        hashers = new_hashers(cf)
         with self.progress.task(f"checking {path.name}", total=path.stat().st_size, unit="B") as bar:
-            n = _hash_into(path, hashers, bar)
+            n = hash_into(path, hashers, bar)
         return self._check(cf, n, hashers, str(path), bad=None)
 
     def _copy_verified(self, src: Path, dest: Path, cf: CardFile) -> dict[str, str]:
         part = dest.with_name(dest.name + ".part")
-        hashers = _hashers(cf)
+        hashers = new_hashers(cf)
         n = 0
         try:
             with open(src, "rb") as fin, open(part, "wb") as fout, \

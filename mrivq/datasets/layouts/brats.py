@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mrivq.io.images import finish_rows, iter_files, relposix
+from mrivq.io.files import finish_rows, iter_files, relposix
 from mrivq.utils.errors import CardError
 
 COLUMNS = ("label",)

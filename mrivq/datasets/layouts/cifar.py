@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mrivq.io.images import finish_rows, iter_files, relposix
+from mrivq.io.files import finish_rows, iter_files, relposix
 from mrivq.utils.errors import ImageReadError, MrivqError
 
 COLUMNS = ("index", "label", "split")
@@ -68,7 +68,7 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """A CIFAR batch as ``(images (N, 32, 32, 3) uint8 HWC, labels (N,) int64)``.
 
     Accepts CIFAR-10 (``labels``) and CIFAR-100 (``fine_labels``) batches; anything else, including
-    a pickle that names other Python objects, raises :class:`~mrivq.errors.ImageReadError`.
+    a pickle that names other Python objects, raises :class:`~mrivq.utils.errors.ImageReadError`.
     """
     path = Path(path)
     try:

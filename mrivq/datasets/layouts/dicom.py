@@ -24,7 +24,8 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mrivq.io.images import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, scan_dicom_series, strip_suffix
+from mrivq.io.files import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, strip_suffix
+from mrivq.io.images import scan_dicom_series
 from mrivq.utils.errors import CardError
 
 COLUMNS = ("series_uid", "series_description", "n_images")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mrivq.io.images import finish_rows, iter_files, relposix
+from mrivq.io.files import finish_rows, iter_files, relposix
 from mrivq.utils.errors import ImageReadError, MrivqError
 
 COLUMNS = ("index", "label", "split")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mrivq.io.images import finish_rows, iter_files, relposix
+from mrivq.io.files import finish_rows, iter_files, relposix
 from mrivq.utils.errors import MrivqError
 
 COLUMNS = ("site", "ixi_id", "volume", "sex", "age")

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mrivq.io.images import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, strip_suffix
+from mrivq.io.files import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, strip_suffix
 
 COLUMNS = ("mask",)
 _IMAGE = re.compile(r"^mni_icbm152_(?P<mod>t1|t2|pd)_tal_nlin_(?:a?sym)_09[abc]$", re.IGNORECASE)

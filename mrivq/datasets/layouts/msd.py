@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mrivq.io.images import finish_rows, iter_files, relposix, strip_suffix
+from mrivq.io.files import finish_rows, iter_files, relposix, strip_suffix
 from mrivq.utils.errors import CardError, MrivqError
 
 COLUMNS = ("channel", "channels", "label", "split", "task")

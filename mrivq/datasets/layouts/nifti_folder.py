@@ -31,7 +31,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mrivq.io.images import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, strip_suffix
+from mrivq.io.files import NIFTI_SUFFIXES, finish_rows, iter_files, relposix, strip_suffix
 from mrivq.utils.errors import CardError
 
 _ROLE_WORD = re.compile(r"[_\-.](image|images|img|label|labels|seg|segmentation|mask)$", re.IGNORECASE)
