@@ -1,9 +1,9 @@
 """Does a VQ-VAE-2 hierarchy (Razavi et al. 2019) make samples more real? At the quick start's budget:
-stage 1 is the run's VQ-VAE configuration plus a top code grid at half the size (``mrivq.models.hierarchy``),
-trained for the run's stage-1 steps with its recipe (L1 or MSE as configured, batch, learning rate,
-warm-up, cosine schedule, clipping, seed); stage 2 is a grid-position PixelCNN over the top grid and the
-bottom PixelCNN conditioned on the top codes, each for the run's prior steps with its recipe. Then
-``--count`` samples (top codes, bottom codes given them, decoded) are measured with ``mrivq eval
+stage 1 is the run's VQ-VAE configuration plus a top code grid at half the size
+(``benchmarks/hierarchy_models.py``), trained for the run's stage-1 steps through ``mrivq train``'s own loop
+and recipe (L1 or MSE as configured, batch, learning rate, warm-up, cosine schedule, clipping, seed); stage 2
+is a grid-position PixelCNN over the top grid and the bottom PixelCNN conditioned on the top codes, each for
+the run's prior steps with its recipe. Then ``--count`` samples (top codes, bottom codes given them, decoded) are measured with ``mrivq eval
 --samples`` against the run's held-out and training subjects, with the reconstructions of training scans
 (the hierarchy's ceiling) beside them. Prints JSON.
 
@@ -28,30 +28,37 @@ from benchmarks.common import emit  # noqa: E402
 from benchmarks.realism import KEEP, write_volumes  # noqa: E402
 
 
-def fit(model: torch.nn.Module, tcfg: dict, steps: int, n: int, loss_fn, label: str) -> dict:
-    """``mrivq train``'s recipe by hand: Adam, warm-up + cosine (``lr_lambda``), gradient clipping,
-    batches ``batch_indices(step)``; ``loss_fn(ids)`` returns the batch's loss."""
+def fit(model: torch.nn.Module, tcfg: dict, steps: int, n: int, loss_fn, label: str, work: Path,
+        val_fn=None) -> dict:
+    """Train ``model`` through ``mrivq train``'s own loop (:func:`mrivq.training.loop.run_loop`: AdamW,
+    warm-up + cosine, clipping, AMP, checkpoints and resume in ``work/<label>``), on the batches
+    ``batch_indices(step)``; ``loss_fn(ids)`` returns the batch's loss, ``val_fn()`` its validation loss."""
     from mrivq.data.split import batch_indices
-    from mrivq.training.loop import lr_lambda
+    from mrivq.training.loop import LoopConfig, run_loop
+    from mrivq.utils.progress import Progress
 
     torch.manual_seed(int(tcfg.get("seed", 0)))
-    opt = torch.optim.Adam(model.parameters(), lr=float(tcfg["lr"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(tcfg.get("warmup_steps", 50)), steps,
-                                                             float(tcfg.get("min_lr_ratio", 0.05))))
-    model.train()
-    t0, last = time.perf_counter(), float("nan")
-    for step in range(steps):
-        loss = loss_fn(batch_indices(step, n, int(tcfg["batch_size"]), int(tcfg.get("seed", 0))))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg.get("grad_clip", 1.0)))
-        opt.step()
-        sched.step()
-        last = float(loss.detach())
-        if step % 50 == 0 or step == steps - 1:
-            print(f"{label} step {step + 1}/{steps} loss {last:.4f}", file=sys.stderr, flush=True)
+    seed, bs = int(tcfg.get("seed", 0)), int(tcfg["batch_size"])
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        loss = loss_fn(batch_indices(step, n, bs, seed))
+        return loss, {"loss": float(loss.detach())}
+
+    def validate() -> dict:
+        with torch.no_grad():
+            return {"val_loss": float(val_fn()) if val_fn is not None else 0.0}
+
+    lc = LoopConfig(stage=label.replace(" ", "_"), run_dir=work / label.replace(" ", "_"), total_steps=steps,
+                    lr=float(tcfg["lr"]), warmup_steps=int(tcfg.get("warmup_steps", 50)),
+                    min_lr_ratio=float(tcfg.get("min_lr_ratio", 0.05)), weight_decay=float(tcfg.get("weight_decay", 0)),
+                    grad_clip=float(tcfg.get("grad_clip", 1.0)), val_every=max(1, steps // 4), ckpt_every=steps,
+                    log_every=max(1, steps // 20), amp="off", higher_is_better=False, best_key="val_loss")
+    lc.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    val = run_loop(lc, model, torch.device("cpu"), step_fn, validate, resume=(lc.run_dir / "checkpoints").is_dir(),
+                   progress=Progress(enabled=sys.stderr.isatty()))
     model.eval()
-    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), "last_loss": last}
+    return {"steps": steps, "seconds": round(time.perf_counter() - t0, 1), **val}
 
 
 def main() -> None:
@@ -66,11 +73,11 @@ def main() -> None:
     args = ap.parse_args()
     from monai.metrics import PSNRMetric
 
+    from benchmarks.hierarchy_models import VQVAE2, CoarseConditionedPixelCNN
     from mrivq.config.defaults import PRIOR_TRAIN_DEFAULTS, TRAIN_DEFAULTS
     from mrivq.data.split import load_split
     from mrivq.evaluate.realism import evaluate_realism
     from mrivq.inference.sampling import sample_tokens
-    from mrivq.models.hierarchy import VQVAE2, CoarseConditionedPixelCNN
     from mrivq.models.pixelcnn import GatedPixelCNN
     from mrivq.runs.run import load_run
 
@@ -97,7 +104,8 @@ def main() -> None:
             x_hat, commit, _, _ = vq(x)
             return recon(x_hat, x) + commit
 
-        report["stage1"] = fit(vq, tcfg, int(tcfg["max_steps"]), len(x_tr), vq_loss, "vqvae2")
+        report["stage1"] = fit(vq, tcfg, int(tcfg["max_steps"]), len(x_tr), vq_loss, "vqvae2", args.work,
+                               lambda: recon(vq(x_va)[0], x_va))
     vq.eval()
     with torch.no_grad():
         codes = {k: [vq.encode_indices(x[s:s + 8]) for s in range(0, len(x), 8)] for k, x in (("train", x_tr),
@@ -130,8 +138,10 @@ def main() -> None:
             b = bot["train"][ids]
             return F.cross_entropy(bot_prior(b, top["train"][ids]), b)
 
-        report["top_prior"] = fit(top_prior, pcfg, steps, len(top["train"]), top_loss, "top prior")
-        report["bottom_prior"] = fit(bot_prior, pcfg, steps, len(bot["train"]), bot_loss, "bottom prior")
+        report["top_prior"] = fit(top_prior, pcfg, steps, len(top["train"]), top_loss, "top prior", args.work,
+                                  lambda: F.cross_entropy(top_prior(top["val"]), top["val"]))
+        report["bottom_prior"] = fit(bot_prior, pcfg, steps, len(bot["train"]), bot_loss, "bottom prior", args.work,
+                                     lambda: F.cross_entropy(bot_prior(bot["val"], top["val"]), bot["val"]))
         torch.save({"vqvae2": vq.state_dict(), "top_prior": top_prior.state_dict(),
                     "bottom_prior": bot_prior.state_dict(), "report": report}, ck)
     with torch.no_grad():

@@ -1,12 +1,15 @@
-"""Shared fixtures: a real HTTP file server on 127.0.0.1 and a fresh data root."""
+"""Shared fixtures: a real HTTP file server on 127.0.0.1, a fresh data root, and the tiny phantom and the
+tiny run trained on it (built once per test session, copied into each module that uses them)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY, invoke
 from tests.httpserver import FileServer
 
 
@@ -30,7 +33,6 @@ def pristine_phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     """The tiny phantom (6 subjects, 32³ at 6 mm) and one tiny run trained on it, built once per test
     session. Tests never use them directly: ``phantom_root`` and ``trained_run`` hand each test module
     its own copy, so a module that changes its run or data changes nobody else's."""
-    from tests.test_train_cli import TINY, invoke
 
     root = tmp_path_factory.mktemp("pristine-data")
     res = invoke("fetch", "phantom", "--root", str(root), "--count", "6", "--shape", "32", "32", "32",
@@ -41,3 +43,33 @@ def pristine_phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
                  "--out", str(run), "--device", "cpu", "--max-steps", "8", "--prior-max-steps", "6", *TINY)
     assert res.exit_code == 0, res.output
     return root, run
+
+
+@pytest.fixture(scope="module")
+def phantom_root(pristine_phantom_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own copy of the session's tiny phantom (``mrivq fetch phantom --count 6 --shape 32 32 32
+    --spacing 6``)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(pristine_phantom_run[0], root, dirs_exist_ok=True)
+    assert (root / "phantom" / "manifest.csv").is_file()
+    return root
+
+
+
+@pytest.fixture(scope="module")
+def trained_run(phantom_root: Path, pristine_phantom_run: tuple[Path, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own copy of the session's tiny run (8 VQ-VAE and 6 prior steps on the phantom),
+    pointing at this module's ``phantom_root``, as if it had been trained there."""
+    import shutil
+
+    from mrivq.runs.folder import write_json
+
+    run = tmp_path_factory.mktemp("runs") / "r1"
+    shutil.copytree(pristine_phantom_run[1], run)
+    info = json.loads((run / "run.json").read_text())
+    assert info["data_dir"] == str(pristine_phantom_run[0] / "phantom")
+    write_json(run / "run.json", {**info, "data_dir": str(phantom_root / "phantom")})
+    return run

@@ -188,7 +188,7 @@ class _Steps(torch.utils.data.Sampler):
         from mrivq.utils import distributed as ddp
 
         for step in range(self.start, self.total):
-            yield ddp.shard(batch_indices(step, self.n, self.bs, self.seed))
+            yield ddp.shard(batch_indices(step, self.n, self.bs, self.seed, ddp.world()))
 
     def __len__(self) -> int:
         return self.total - self.start
@@ -226,9 +226,25 @@ def iterate(ds: Any, batch_size: int, device: torch.device):
         yield collate(ds, list(range(s, min(len(ds), s + batch_size))), device)
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Indices of the training items in batch ``step``: a seeded permutation per epoch."""
+def global_batch(batch_size: int, n: int, world: int = 1) -> int:
+    """The batch a step takes over all processes: ``batch_size``, capped at the ``n`` training items and
+    then rounded down to a multiple of the ``world`` processes (each takes an equal share). Refuses a
+    ``batch_size`` that does not split over the processes, and a set smaller than their number."""
+    if world > 1 and batch_size % world:
+        raise MrivqError(f"the batch of {batch_size} does not split over {world} processes; set "
+                         f"train.batch_size (and prior.train.batch_size) to a multiple of {world}")
     bs = min(batch_size, n)
+    bs -= bs % world
+    if bs < 1:
+        raise MrivqError(f"the training set holds {n} item(s), fewer than the {world} processes that share "
+                         "each batch; use more data or fewer processes (--nproc_per_node)")
+    return bs
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int, world: int = 1) -> list[int]:
+    """Indices of the training items in batch ``step``: a seeded permutation per epoch (the global batch
+    of :func:`global_batch`, which ``world`` processes then share)."""
+    bs = global_batch(batch_size, n, world)
     per_epoch = max(1, n // bs)
     epoch, k = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -73,6 +73,9 @@ class HealOptions:
     normalize: bool | None = None
 
     def validate(self) -> HealOptions:
+        from mrivq.utils.limits import check_seed
+
+        check_seed(self.seed)
         if not 0 < self.threshold < 1:
             raise MrivqError(f"--threshold is a probability between 0 and 1, got {self.threshold}")
         if self.resamples < 1:

@@ -108,6 +108,9 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     the run's intensity calibration (:mod:`mrivq.models.calibration`) when it has one."""
     from mrivq.inference.sampling import sample_independent, sample_tokens
     from mrivq.io.images import save_nifti, save_png
+    from mrivq.utils.limits import check_seed
+
+    check_seed(seed)
     from mrivq.io.preview import grid, montage
     from mrivq.models.calibration import describe
 
@@ -131,6 +134,11 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     check_format(fmt)
     dev = resolve_device(device)
     r = load_run(run, device=dev, need_prior=prior == "pixelcnn")
+    unfinished = r.unfinished("prior") if prior == "pixelcnn" else None
+    if unfinished:
+        (progress or silent()).note(
+            f"the prior of run {r.path.name} stopped at step {unfinished[0]} of {unfinished[1]}; sampling from "
+            f"its best checkpoint so far (finish it with `mrivq train --out {r.path} --resume`)")
     dims = r.preprocess.dims
     if dims != 3 and fmt != "nifti":
         raise MrivqError(f"--format {fmt} is for 3D runs; run {r.path.name} is 2D and writes PNG")

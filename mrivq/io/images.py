@@ -122,9 +122,28 @@ def _nifti_header(p: Path, head: bytes) -> tuple[Any, Any, int]:
     except Exception as e:  # nibabel raises many kinds (HeaderDataError, ValueError, ...)
         raise ImageReadError(f"{p}: is not a readable NIfTI image ({_short(e)}); check or replace the "
                              "file") from None
+    check_header(p, hdr)
     # the float32 array and the raw data both live in memory while the image is converted
     limits.check_voxels(str(p), shape, itemsize=4 + itemsize, why="its header declares ")
     return klass, hdr, offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def check_header(p: Path, hdr: Any) -> None:
+    """Refuse what a NIfTI/Analyze header declares but mrivq cannot use: complex voxels (a magnitude
+    would be a guess between modulus and real part), and an sform whose code says it is valid but whose
+    rows are all zeros (nibabel would hand on a zero affine)."""
+    if np.dtype(hdr.get_data_dtype()).kind == "c":
+        raise ImageReadError(f"{p}: holds complex voxels ({np.dtype(hdr.get_data_dtype()).name}); write the "
+                             "magnitude (or real part) as a real-valued image first")
+    try:
+        code = int(hdr["sform_code"])
+        rows = np.stack([np.asarray(hdr[k], dtype=np.float64) for k in ("srow_x", "srow_y", "srow_z")])
+    except (KeyError, ValueError):  # Analyze headers have no sform
+        return
+    if code > 0 and not rows[:, :3].any():
+        raise ImageReadError(f"{p}: its sform is all zeros although sform_code={code} says it is valid; set "
+                             "sform_code to 0 (use the qform) or write a valid sform (e.g. with nibabel or "
+                             "fslorient)")
 
 
 def _read_nifti(p: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -180,6 +199,7 @@ def _read_analyze(p: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(p))
         hdr = img.header
+        check_header(p, hdr)
         limits.check_voxels(str(p), hdr.get_data_shape(), itemsize=4 + hdr.get_data_dtype().itemsize,
                             why="its header declares ")
         arr = np.asarray(img.dataobj)  # raises if the .img is shorter than the header says

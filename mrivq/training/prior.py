@@ -199,7 +199,7 @@ def train_prior(cfg: dict, run: RunFolder, split: Any, device: torch.device, *, 
     best_key = "val_masked_nats" if masked else "val_nats_per_token"
 
     def step_fn(step: int) -> tuple[torch.Tensor, dict]:
-        batch = batch_indices(step, n, bs, tcfg["seed"])
+        batch = batch_indices(step, n, bs, tcfg["seed"], ddp.world())
         ids = ddp.shard(batch)
         idx = tr[ids].to(device).long()
         if masked:  # the masks, like the batch, are a function of the step: resume stays exact

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from mrivq.config.defaults import train_settings
+from mrivq.config.defaults import prior_train_settings, train_settings
 from mrivq.data.split import load_split
 from mrivq.models.factory import total_steps
 from mrivq.runs.folder import RunFolder, is_run, write_config
@@ -102,6 +102,7 @@ def _train_locked(cfg: dict | None, data_dir: Path | None, run: RunFolder, stage
     if threads:
         torch.set_num_threads(int(threads))
     assert data_dir is not None
+    check_batches(cfg, stage, ddp.world())
     split = load_split(cfg, data_dir, progress=progress, subjects=run.info.get("split"))
     if not existing or "split" not in run.info:  # runs from before the split was recorded
         run.update(split=split.subjects)
@@ -119,3 +120,15 @@ def _train_locked(cfg: dict | None, data_dir: Path | None, run: RunFolder, stage
         summary["prior"] = train_prior(cfg, run, split, dev, resume=resume or stage == "prior",
                                        progress=progress)
     return summary
+
+
+def check_batches(cfg: dict, stage: str, world: int) -> None:
+    """Before any data is prepared: each trained stage's batch must split evenly over the processes."""
+    if world < 2:
+        return
+    sizes = {"vqvae": ("train.batch_size", train_settings(cfg)["batch_size"]),
+             "prior": ("prior.train.batch_size", prior_train_settings(cfg)["batch_size"])}
+    for st, (key, bs) in sizes.items():
+        if stage in ("all", st) and int(bs) % world:
+            raise MrivqError(f"{key}={bs} does not split over {world} processes; set it to a multiple of {world} "
+                             f"(--set {key}={max(world, int(bs) - int(bs) % world)})")

@@ -201,3 +201,16 @@ def check_npz(path: Path, what: str) -> None:
     if total > max_image_bytes():
         raise MrivqError(f"{what} {path}: its arrays would take {_gb(total)} in memory, above the "
                          f"{_gb(max_image_bytes())} budget; the file is not what it claims to be")
+
+
+#: seeds are 64-bit: torch's generators take signed 64-bit values and numpy's streams take them too
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    """Refuse a seed that the random generators cannot take (outside the signed 64-bit range)."""
+    lo, hi = SEED_RANGE
+    if not isinstance(seed, int) or isinstance(seed, bool) or not lo <= seed <= hi:
+        raise MrivqError(f"{option} {seed} is outside the 64-bit range the random generators take; pass a "
+                         f"seed between {lo} and {hi}")
+    return seed

@@ -1,6 +1,6 @@
 """Fetch a dataset described by a card into ``<root>/<name>/`` and write its ``manifest.csv``.
 
-What it guarantees (each has a test in ``tests/test_fetch.py``):
+What it guarantees (each has a test in ``tests/datasets/test_fetch.py``):
 
 - **Streamed, hashed, resumable downloads.** Each file streams into ``.mrivq/downloads/<file>.part``
   while md5/sha256 are computed; no second read of a multi-GB file. A dropped connection is resumed

@@ -14,64 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from mrivq.cli.app import app
-from mrivq.utils.errors import MrivqError
-
-TINY = [
-    "--set", "data.spacing=[6.0,6.0,6.0]", "--set", "data.shape=[32,32,32]",
-    "--set", "model.channels=[8,16]", "--set", "model.num_res_channels=[8,16]",
-    "--set", "model.num_embeddings=32", "--set", "model.embedding_dim=4",
-    "--set", "train.batch_size=2", "--set", "train.val_every=4", "--set", "train.ckpt_every=4",
-    "--set", "train.warmup_steps=2", "--set", "train.threads=1",
-    "--set", "prior.model.channels=8", "--set", "prior.model.num_layers=2",
-    "--set", "prior.train.val_every=3", "--set", "prior.train.warmup_steps=1",
-]
-
-
-class Result:
-    def __init__(self, exit_code: int, output: str) -> None:
-        self.exit_code, self.output = exit_code, output
-
-
-def invoke(*args: str) -> Result:
-    """Run the CLI in-process; a MrivqError maps to exit code 2 as in `mrivq.cli.app.main`."""
-    res = CliRunner().invoke(app, list(args))
-    if isinstance(res.exception, MrivqError):
-        return Result(2, res.output + str(res.exception))
-    if res.exception is not None and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return Result(res.exit_code, res.output)
-
-
-@pytest.fixture(scope="module")
-def phantom_root(pristine_phantom_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own copy of the session's tiny phantom (``mrivq fetch phantom --count 6 --shape 32 32 32
-    --spacing 6``)."""
-    import shutil
-
-    root = tmp_path_factory.mktemp("data")
-    shutil.copytree(pristine_phantom_run[0], root, dirs_exist_ok=True)
-    assert (root / "phantom" / "manifest.csv").is_file()
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained_run(phantom_root: Path, pristine_phantom_run: tuple[Path, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own copy of the session's tiny run (8 VQ-VAE and 6 prior steps on the phantom),
-    pointing at this module's ``phantom_root``, as if it had been trained there."""
-    import shutil
-
-    from mrivq.runs.folder import write_json
-
-    run = tmp_path_factory.mktemp("runs") / "r1"
-    shutil.copytree(pristine_phantom_run[1], run)
-    info = json.loads((run / "run.json").read_text())
-    assert info["data_dir"] == str(pristine_phantom_run[0] / "phantom")
-    write_json(run / "run.json", {**info, "data_dir": str(phantom_root / "phantom")})
-    return run
+from tests.helpers import TINY, invoke
 
 
 def test_run_folder_contents(trained_run: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from filelock import FileLock
 
 from mrivq.utils.errors import user_message
-from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401 (fixtures)
+from tests.helpers import invoke
 
 AFF = np.diag([6.0, 6.0, 6.0, 1.0])
 MEM_LIMIT = 6 * 1024 ** 3  # bytes of address space for the memory-bomb cases

@@ -362,7 +362,7 @@ def test_nifti_folder_bad_regex_is_a_card_error(tmp_path):
 # -------------------------------------------------------------------------------------------- DICOM
 
 def test_dicom_layout_one_row_per_series(tmp_path):
-    from tests.test_io import oblique_affine, quantised_volume, write_dicom_series
+    from tests.helpers import oblique_affine, quantised_volume, write_dicom_series
 
     aff = oblique_affine()
     uid_t1 = write_dicom_series(tmp_path / "part" / "P001" / "study" / "s1", quantised_volume((4, 4, 3)), aff,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mrivq.models.calibration import QuantileSketch, apply_quantile_map, describe, fit_quantile_map
-from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import invoke
 
 
 def _sketch(x: torch.Tensor) -> QuantileSketch:

@@ -16,9 +16,9 @@ from mrivq.config import presets as C
 from mrivq.utils.device import resolve_device
 from mrivq.utils.errors import MrivqError
 from mrivq.utils.paths import default_root, resolve_root
-from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import TINY, invoke
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_data_root_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

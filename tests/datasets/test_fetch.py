@@ -37,7 +37,7 @@ from mrivq.datasets.fetch.state import FetchResult
 from mrivq.utils.errors import ChecksumError, MrivqError, UnsafeArchiveError
 from tests.httpserver import FileServer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAST = {"backoff": 0.001, "timeout": 5}
 
 
@@ -253,7 +253,7 @@ def _kill_script(card_path: Path, root: Path) -> str:
     return textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
-        from tests.test_fetch import use_tiny_layout
+        from tests.datasets.test_fetch import use_tiny_layout
         use_tiny_layout()
         from mrivq.datasets.catalog import load_card
         from mrivq.datasets.fetch.job import fetch
@@ -672,7 +672,7 @@ def _concurrent_script(card_path: Path, root: Path, out: Path) -> str:
     return textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(REPO)!r})
-        from tests.test_fetch import use_tiny_layout
+        from tests.datasets.test_fetch import use_tiny_layout
         use_tiny_layout()
         from mrivq.datasets.catalog import load_card
         from mrivq.datasets.fetch.job import fetch

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_train_cli import invoke
+from tests.helpers import invoke
 
 
 def _idx(path: Path, arr: np.ndarray) -> None:

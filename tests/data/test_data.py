@@ -632,7 +632,7 @@ def test_msd_segmentation_label_is_not_a_class(tmp_path):
 
 
 def test_dicom_series_folder_round_trip(tmp_path):
-    from tests.test_io import oblique_affine, quantised_volume, write_dicom_series
+    from tests.helpers import oblique_affine, quantised_volume, write_dicom_series
     ds = tmp_path / "dicom"
     aff = oblique_affine()
     vol1 = quantised_volume((20, 18, 9), seed=1)

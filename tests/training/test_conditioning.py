@@ -12,7 +12,7 @@ from mrivq.data.items import item_label
 from mrivq.data.manifest import condition_items, load_manifest, pool_rows
 from mrivq.data.preprocess import Preprocess
 from mrivq.utils.errors import MrivqError
-from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
+from tests.helpers import TINY, invoke
 
 
 def test_condition_items_maps_values_to_ids() -> None:

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import mrivq
-from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import TINY, invoke
 
-SCHEMA = Path(__file__).parent / "data" / "bundle_meta_schema.json"
+SCHEMA = Path(__file__).parents[2] / "fixtures" / "bundle_meta_schema.json"
 
 
 @pytest.fixture(scope="module")

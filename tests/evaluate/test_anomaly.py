@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mrivq.utils.errors import MrivqError
-from tests.test_train_cli import TINY, invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import TINY, invoke
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mrivq.inference.sampling import decode_masked, heal_tokens, log_likelihood,
 from mrivq.models.factory import build_prior, prior_from_config
 from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio, masked_nats, masked_token_loss, random_masks
 from mrivq.utils.errors import MrivqError
-from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
+from tests.helpers import TINY, invoke
 
 SHAPE = (3, 4, 3)
 

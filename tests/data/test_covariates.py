@@ -15,7 +15,7 @@ from mrivq.data.covariates import fit_covariates, parse_covariates, standardise,
 from mrivq.data.manifest import load_manifest
 from mrivq.models.pixelcnn import GatedPixelCNN
 from mrivq.utils.errors import MrivqError
-from tests.test_train_cli import TINY, invoke, phantom_root  # noqa: F401  (fixture)
+from tests.helpers import TINY, invoke
 
 
 def test_values_are_read_standardised_and_imputed() -> None:

@@ -12,8 +12,7 @@ import pytest
 from mrivq.io.dicom_out import PATIENT_NAME, save_dicom_series
 from mrivq.io.images import read_dicom_series
 from mrivq.utils.errors import MrivqError
-from tests.test_io import oblique_affine
-from tests.test_train_cli import invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import invoke, oblique_affine
 
 
 def _monai(folder: Path) -> tuple[np.ndarray, np.ndarray]:

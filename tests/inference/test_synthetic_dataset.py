@@ -12,7 +12,7 @@ import torch
 
 import mrivq
 from mrivq.utils.errors import MrivqError
-from tests.test_train_cli import invoke, phantom_root, trained_run  # noqa: F401  (fixtures)
+from tests.helpers import invoke
 
 
 def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mrivq.evaluate.realism import KEYS
-from tests.test_train_cli import TINY, invoke
+from tests.helpers import TINY, invoke
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, sam
     """--real defaults to the run's dataset:val; a NIfTI folder and a DICOM folder are real sets too."""
     import shutil
 
-    from tests.test_io import write_dicom_series
+    from tests.helpers import write_dicom_series
 
     nifti = tmp_path / "nifti"
     nifti.mkdir()

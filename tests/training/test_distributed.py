@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train_cli import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
 
@@ -35,7 +35,7 @@ def _train(root: Path, out: Path, nproc: int, *extra: str, script: list[str] | N
         launcher += entry
     cmd = [*launcher, "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu",
            "--device", "cpu", "--out", str(out), *SMALL, *extra]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=Path(__file__).parents[1])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=Path(__file__).parents[2])
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -139,7 +139,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_a_checkpoint_and_resumes(root
            "train", "--dataset", "phantom", "--root", str(root), "--preset", "vqvae3d-cpu", "--device", "cpu",
            "--out", str(cut), *SMALL, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            cwd=Path(__file__).parents[1])
+                            cwd=Path(__file__).parents[2])
     metrics, deadline = cut / "metrics.jsonl", time.time() + 240
     while time.time() < deadline:
         lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -175,7 +175,7 @@ def test_two_nodes_train_the_model_one_process_trains(root: Path, one_process: P
              "--out", str(tmp_path / "nodes"), *SMALL, "--max-steps", "6", "--prior-max-steps", "4"]
             for i in range(2)]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                              cwd=Path(__file__).parents[1]) for c in cmds]
+                              cwd=Path(__file__).parents[2]) for c in cmds]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CARDS_DIR = Path(__file__).resolve().parent.parent / "datasets"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 CARD_PATHS = sorted(CARDS_DIR.glob("*.yaml"))
 MD5 = re.compile(r"^[0-9a-f]{32}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
