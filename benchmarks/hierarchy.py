@@ -2,10 +2,10 @@
 stage 1 is the run's VQ-VAE configuration plus a top code grid at half the size
 (``benchmarks/hierarchy_models.py``), trained for the run's stage-1 steps through ``mrivq train``'s own loop
 and recipe (L1 or MSE as configured, batch, learning rate, warm-up, cosine schedule, clipping, seed); stage 2
-is a grid-position PixelCNN over the top grid and the bottom PixelCNN conditioned on the top codes, each for
-the run's prior steps with its recipe. Then ``--count`` samples (top codes, bottom codes given them, decoded) are measured with ``mrivq eval
---samples`` against the run's held-out and training subjects, with the reconstructions of training scans
-(the hierarchy's ceiling) beside them. Prints JSON.
+is a grid-position PixelCNN over the top grid and the bottom PixelCNN conditioned on the top codes, each
+for the run's prior steps with its recipe. Then ``--count`` samples (top codes, bottom codes given them,
+decoded) are measured with ``mrivq eval --samples`` against the run's held-out and training subjects, with
+the reconstructions of training scans (the hierarchy's ceiling) beside them. Prints JSON.
 
     python benchmarks/hierarchy.py --run runs/quickstart --root data --work hier
 """

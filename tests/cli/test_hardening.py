@@ -1,5 +1,6 @@
-"""Bad input never crashes, destroys a file or exhausts memory: each class of the hardening issue, through
-the real CLI in a subprocess (exit code 2, one line, no traceback, every file byte-identical after)."""
+"""Bad input never crashes, destroys a file or exhausts memory: each class of bad input through the CLI's
+entry point (exit code 2, one line, no traceback, every file byte-identical after); memory limits and
+Ctrl-C in a process of their own."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 from filelock import FileLock
 
 from mrivq.utils.errors import user_message
-from tests.helpers import invoke
+from tests.helpers import Completed, invoke, mrivq_main
 
 AFF = np.diag([6.0, 6.0, 6.0, 1.0])
 MEM_LIMIT = 6 * 1024 ** 3  # bytes of address space for the memory-bomb cases
@@ -84,10 +85,14 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MEM_LIMIT, MEM_LIMIT))
 
 
-def _mrivq(*args: str, limit: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _mrivq(*args: str, limit: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess | Completed:
+    """The command in this process through the console entry point; under a memory limit (``limit``) in
+    a process of its own, so that the limit holds for it alone."""
+    if not limit:
+        return mrivq_main(*args, cwd=cwd)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300,
-                          env=env, preexec_fn=_limit_memory if limit else None, cwd=cwd)
+                          env=env, preexec_fn=_limit_memory, cwd=cwd)
 
 
 def _assert_one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -107,6 +112,15 @@ def _inputs(tmp: Path) -> None:
     _header_bomb(tmp / "bomb.nii.gz")
     _gzip_bomb(tmp / "gzbomb.nii.gz")
     _big_voxels(tmp / "huge_voxels.nii.gz")
+    _nifti(tmp / "complex.nii.gz", (_vol() + 1j * _vol()).astype(np.complex64))
+    zero_sform = nib.Nifti1Header()  # qform valid, sform all zeros while sform_code says it is valid
+    zero_sform.set_data_shape((32, 32, 32))
+    zero_sform.set_data_dtype(np.float32)
+    zero_sform.set_qform(AFF, code=1)
+    for row in ("srow_x", "srow_y", "srow_z"):
+        zero_sform[row] = 0
+    zero_sform["sform_code"] = 1
+    nib.save(nib.Nifti1Image(_vol(), None, header=zero_sform), tmp / "zero_sform.nii.gz")
     os.symlink("/dev/zero", tmp / "zero.nii")
     os.mkfifo(tmp / "fifo.nii.gz")
     (tmp / "alias.yaml").write_text("base: vqvae3d-cpu\ntrain:\n  a: &x [1, 2]\n  b: *x\n")
@@ -129,6 +143,8 @@ CASES = [
     (["encode", "{tmp}/bomb.nii.gz", "-o", "{tmp}/c.npz"], "1024x1024x1024 voxels"),
     (["reconstruct", "{tmp}/gzbomb.nii.gz", "-o", "{tmp}/r.nii.gz"], "decompresses to more than"),
     (["encode", "{tmp}/huge_voxels.nii.gz", "-o", "{tmp}/c.npz"], "resampled to"),
+    (["encode", "{tmp}/complex.nii.gz", "-o", "{tmp}/c.npz"], "holds complex voxels (complex64)"),
+    (["reconstruct", "{tmp}/zero_sform.nii.gz", "-o", "{tmp}/r.nii.gz"], "its sform is all zeros although"),
     (["encode", "{tmp}/zero.nii", "-o", "{tmp}/c.npz"], "is a device, not a regular file"),
     (["encode", "{tmp}/fifo.nii.gz", "-o", "{tmp}/c.npz"], "is a FIFO, not a regular file"),
     (["decode", "{tmp}/codes_bomb.npz", "-o", "{tmp}/d.nii.gz"], "above the"),
@@ -141,7 +157,8 @@ def test_bad_images_are_one_line_and_touch_nothing(args: list[str], needle: str,
     _inputs(tmp_path)
     before = _snapshot(tmp_path, trained_run)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--run", str(trained_run), "--device", "cpu"]
-    proc = _mrivq(*args, limit=True)
+    # the bombs run in a process of their own under a memory limit; the rest through the entry point here
+    proc = _mrivq(*args, limit=any(k in args[1] for k in ("bomb", "huge")))
     _assert_one_line(proc, needle)
     assert _snapshot(tmp_path, trained_run) == before
 
@@ -387,3 +404,14 @@ def test_a_damaged_prior_does_not_stop_commands_that_need_only_the_vqvae(trained
     assert "continuing without the prior" in proc.stderr and "Traceback" not in proc.stderr
     proc = _mrivq("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--device", "cpu")
     _assert_one_line(proc, "prior_best.pt cannot be read")
+
+
+@pytest.mark.parametrize("seed", [str(2**63), str(-(2**63) - 1), str(10**30)])
+def test_a_seed_beyond_64_bits_is_one_line(seed: str, trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "s"
+    _assert_one_line(_mrivq("synth", "--run", str(trained_run), "--count", "1", "--seed", seed, "--out", str(out),
+                            "--device", "cpu"), "outside the 64-bit range")
+    assert not out.exists()
+    src = _nifti(tmp_path / "x.nii.gz", _vol())
+    _assert_one_line(_mrivq("score", str(src), "-o", str(tmp_path / "m.nii.gz"), "--heal", "--seed", seed,
+                            "--run", str(trained_run), "--device", "cpu"), "outside the 64-bit range")

@@ -209,7 +209,7 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     assert filled[0, 0, 5:7, 5:7, 5:7].all() and filled.sum() == 8 ** 3
     eroded = erode_mask(filled, 1)
     assert eroded.sum() == 6 ** 3 and eroded[0, 0, 2].sum() == 0
-    from mrivq.cli.app import app as cli
+    import mrivq.cli.app as cli
 
     assert (cli.HEAL_THRESHOLD, cli.HEAL_SMOOTH) == (HealOptions().threshold, HealOptions().smooth)  # one default
     for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):

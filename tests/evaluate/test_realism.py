@@ -4,8 +4,6 @@ real NIfTI and DICOM inputs, and the bad inputs that must give one line and exit
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 from mrivq.evaluate.realism import KEYS
-from tests.helpers import TINY, invoke
+from tests.helpers import TINY, invoke, mrivq_main
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +216,7 @@ def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Pat
         args += ["--json", str(tmp_path / "mine.json")]
     elif case == "bad_prior":
         args = ["synth", "--run", str(run), "--prior", "gan", "--out", str(tmp_path / "o")]
-    proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)
+    proc = mrivq_main(*args)
     assert proc.returncode == 2, proc.stderr
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # (progress lines may precede)
     assert len(errors) == 1 and needle in errors[0] and proc.stderr.strip().endswith(errors[0].strip()), proc.stderr

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY, invoke
+from tests.helpers import TINY, invoke, mrivq_main
 
 
 def test_run_folder_contents(trained_run: Path) -> None:
@@ -150,7 +150,7 @@ def test_cli_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, t
     vol = np.random.default_rng(0).random((32, 32, 32, 2)).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, np.diag([6.0, 6.0, 6.0, 1.0])), tmp_path / "two.nii.gz")
     args = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(trained_run)) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "mrivq", *args], capture_output=True, text=True, timeout=300)
+    proc = mrivq_main(*args)
     assert proc.returncode == 2, proc.stderr
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
@@ -171,8 +171,7 @@ def test_outputs_never_destroy_an_input_or_a_non_file(command: str, tmp_path: Pa
     os.mkfifo(tmp_path / "fifo")
     for target, needle in ((src, "is the input"), (tmp_path / "folder", "is not a regular file"),
                            (tmp_path / "fifo", "is not a regular file")):
-        proc = subprocess.run([sys.executable, "-m", "mrivq", command, str(src), "-o", str(target), "--run",
-                               str(trained_run)], capture_output=True, text=True, timeout=300)
+        proc = mrivq_main(command, str(src), "-o", str(target), "--run", str(trained_run))
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert src.read_bytes() == before and (tmp_path / "folder").is_dir() and not list((tmp_path / "folder").iterdir())
 
