@@ -44,7 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # synth_throughp
 
 from synth_throughput import PAIRS, measure  # noqa: E402
 
-from mrivq.inference.sampling import pick, sample_tokens, sample_uniforms  # noqa: E402
+from mrivq.inference.draws import pick, sample_uniforms
+from mrivq.inference.sampling import sample_tokens  # noqa: E402
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
 
 

@@ -222,7 +222,7 @@ def score_file(run: Path | None, image: Path, output: Path, device: str = "auto"
                cls: str | int | None = None, covariates: dict[str, float] | None = None,
                overwrite: bool = False) -> dict:
     """Per-code negative log-likelihood under the prior (Pinaya et al. 2022), in the input's geometry."""
-    from mrivq.inference.sampling import log_likelihood
+    from mrivq.inference.likelihood import log_likelihood
 
     output = check_output(output, image, overwrite=overwrite, run=run)
     r, dev = load_run_on(run, device, need_prior=True)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrivq.inference.sampling import heal_tokens, log_likelihood
+from mrivq.inference.likelihood import log_likelihood
+from mrivq.inference.sampling import heal_tokens
 from mrivq.utils.errors import MrivqError
 
 

@@ -28,68 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio
+from mrivq.inference.draws import code_task, cond_slice, eval_mode, need_autoregressive, pick, sample_uniforms
+from mrivq.inference.masked_sampling import sample_masked
+from mrivq.models.maskgit import MaskedTokenPrior
 from mrivq.models.pixelcnn import Cond, GatedPixelCNN, gate, pad_axes
 from mrivq.utils.errors import MrivqError
-
-
-def _need_autoregressive(prior: Any) -> None:
-    if isinstance(prior, MaskedTokenPrior):
-        raise MrivqError("healing and likelihood maps need the autoregressive prior (prior.model.family: pixelcnn); "
-                         "this run's prior is maskgit, which has no per-code likelihood")
-    if not isinstance(prior, GatedPixelCNN):
-        raise MrivqError(f"expected a GatedPixelCNN prior, got {type(prior).__name__}")
-
-
-@contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
-def sample_uniforms(seed: int | None, n: int, positions: int, first: int = 0) -> torch.Tensor:
-    """``[n, positions]`` float64 uniforms of samples ``first .. first+n-1``; sample ``i`` uses its own
-    generator, seeded with the ``i``-th number drawn from ``seed``."""
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
-    master = torch.Generator().manual_seed(int(seed))
-    seeds = torch.randint(0, 2**62, (first + n,), generator=master).tolist()[first:]
-    return torch.stack([torch.rand(positions, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                        for s in seeds]) if n else torch.empty(0, positions, dtype=torch.float64)
-
-
-def pick(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Token per row of ``logits [b, K]`` by inverse CDF at ``u [b]`` (temperature 0: argmax)."""
-    logits = logits.double()
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    cdf = torch.softmax(logits, -1).cumsum(-1)
-    v = (u.to(cdf) * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, v, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-
-
-def _cond_slice(cond: Cond, start: int, stop: int, n: int, key: str = "class") -> Cond:
-    """Rows ``start:stop`` of a per-sample condition (an int, one class or one covariate row broadcast)."""
-    if cond is None or isinstance(cond, int):
-        return cond
-    if isinstance(cond, dict):
-        return {k: _cond_slice(v, start, stop, n, k) for k, v in cond.items()}
-    t = torch.as_tensor(cond)
-    if t.dim() == 0 or t.shape[0] == 1 or (key == "covariates" and t.dim() == 1):
-        return t
-    if t.shape[0] != n:
-        raise MrivqError(f"conditioning has {t.shape[0]} rows for {n} samples; give one per sample or one for all")
-    return t[start:stop]
-
 
 Given = tuple[torch.Tensor, torch.Tensor] | None  # (tokens, keep) [b, positions]: keep those tokens
 
@@ -286,7 +229,7 @@ def _check(prior: Any, latent_shape: Sequence[int], temperature: float, top_k: i
     if masked_ok and isinstance(prior, MaskedTokenPrior):
         pass
     else:
-        _need_autoregressive(prior)
+        need_autoregressive(prior)
     shape = tuple(int(s) for s in latent_shape)
     if len(shape) != prior.spatial_dims or min(shape) < 1:
         raise MrivqError(f"latent shape {shape} does not fit a {prior.spatial_dims}D prior")
@@ -355,65 +298,6 @@ def heal_tokens(prior: GatedPixelCNN, indices: torch.Tensor, resample: torch.Ten
     return out.view(b, n, *shape)
 
 
-def sample_masked(prior: MaskedTokenPrior, n: int, *, steps: int | None = None, temperature: float = 1.0,
-                  top_k: int | None = None, seed: int | None = None, batch_size: int | None = None,
-                  device: str | torch.device | None = None, progress: Any = None, first: int = 0
-                  ) -> torch.LongTensor:
-    """``n`` code grids from a masked-token prior by MaskGIT's parallel decoding (Chang et al. 2022).
-
-    From an all-masked grid, each of ``steps`` (default: the prior's ``decode_steps``) evaluations of the
-    network draws a code for every masked position (the same temperature/top-k inverse-CDF rule as the
-    autoregressive samplers), scores each drawn code by its log-probability plus Gumbel noise scaled by
-    ``choice_temperature * (1 - (t+1)/steps)``, and masks again the ``floor(N cos(pi/2 (t+1)/steps))``
-    least confident (at least one code is fixed per step; none is left masked after the last).
-    Randomness: per sample its own generator, ``2 N`` uniforms per step, so a sample depends only on
-    ``seed`` and its index (``first`` as in :func:`sample_tokens`), not on ``batch_size``."""
-    steps = int(steps or prior.decode_steps)
-    if steps < 1:
-        raise MrivqError(f"decode steps must be >= 1, got {steps}")
-    shape, npos = prior.latent_shape, math.prod(prior.latent_shape)
-    dev = torch.device(device) if device is not None else prior.embedding.weight.device
-    model = prior if prior.embedding.weight.device == dev else copy.deepcopy(prior).to(dev)
-    bs = max(1, int(batch_size or n or 1))
-    u = sample_uniforms(seed, n, 2 * steps * npos, first)
-    out = torch.empty(n, *shape, dtype=torch.long, device=dev)
-    with _eval_mode(model), _task(progress, n * npos) as task:
-        for s in range(0, n, bs):
-            e = min(n, s + bs)
-            out[s:e] = decode_masked(model, u[s:e].to(dev), steps, temperature, top_k, task).view(e - s, *shape)
-    return out
-
-
-def decode_masked(prior: MaskedTokenPrior, u: torch.Tensor, steps: int, temperature: float, top_k: int | None,
-                   task: Any) -> torch.Tensor:
-    b, npos, k = u.shape[0], math.prod(prior.latent_shape), prior.num_embeddings
-    tokens = torch.full((b, npos), prior.mask_token, dtype=torch.long, device=u.device)
-    masked = torch.ones(b, npos, dtype=torch.bool, device=u.device)
-    for t in range(steps):
-        logits = prior(tokens.view(b, *prior.latent_shape)).flatten(2).transpose(1, 2)  # [b, N, K]
-        ut = u[:, 2 * t * npos:(2 * t + 1) * npos]
-        ug = u[:, (2 * t + 1) * npos:(2 * t + 2) * npos].clamp(1e-300, 1 - 1e-16)
-        drawn = pick(logits.reshape(b * npos, k), ut.reshape(-1), temperature, top_k).view(b, npos)
-        conf = torch.log_softmax(logits.double(), -1).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
-        noise = prior.choice_temperature * (1 - (t + 1) / steps)
-        if noise > 0:
-            conf = conf - noise * torch.log(-torch.log(ug))  # + Gumbel(0, 1)
-        tokens = torch.where(masked, drawn, tokens)
-        left = math.floor(npos * mask_ratio((t + 1) / steps)) if t + 1 < steps else 0
-        before = int(masked.sum(1).max()) if task is not None else 0
-        if left > 0:
-            n_masked = masked.sum(1)
-            keep = torch.clamp(torch.minimum(torch.full_like(n_masked, left), n_masked - 1), min=0)
-            rank = conf.masked_fill(~masked, float("inf")).argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-            masked = rank < keep[:, None]
-            tokens = torch.where(masked, torch.full_like(tokens, prior.mask_token), tokens)
-        else:
-            masked = torch.zeros_like(masked)
-        if task is not None:
-            task.advance(b * (before - int(masked.sum(1).max())))
-    return tokens
-
-
 def _repeat_cond(cond: Cond, b: int, n: int) -> Cond:
     """A per-grid condition, repeated for each grid's ``n`` resamples."""
     if cond is None or isinstance(cond, int):
@@ -432,10 +316,10 @@ def _draw(prior: GatedPixelCNN, shape: tuple[int, ...], n: int, given: Given, te
     bs = max(1, int(batch_size or n or 1))
     u = sample_uniforms(seed, n, math.prod(shape), first)
     out = torch.empty(n, *shape, dtype=torch.long, device=dev)
-    with _eval_mode(model), _task(progress, n * math.prod(shape)) as task:
+    with eval_mode(model), code_task(progress, n * math.prod(shape)) as task:
         for s in range(0, n, bs):
             e = min(n, s + bs)
-            c = _cond_slice(cond, s, e, n)
+            c = cond_slice(cond, s, e, n)
             uu = u[s:e].to(dev)
             g = None if given is None else (given[0][s:e].to(dev), given[1][s:e].to(dev))
             if cached:
@@ -469,94 +353,3 @@ def _threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-#: a sampling expected to take longer than this many seconds says so before most of it runs
-ANNOUNCE_ABOVE_S = 30.0
-
-
-class _Estimate:
-    """A progress task that, after the first ``1/50`` of the codes (or first second) is sampled, notes
-    how long the whole sampling will take, when that is above :data:`ANNOUNCE_ABOVE_S` (a run whose
-    latent grid is large, or many samples, should not run for hours without a word)."""
-
-    def __init__(self, task: Any, progress: Any, total: int) -> None:
-        import time
-
-        self.task, self.progress, self.total, self.done = task, progress, max(int(total), 1), 0
-        self.t0, self.said, self.clock = time.perf_counter(), False, time.perf_counter
-
-    def advance(self, n: float = 1) -> None:
-        self.done += n
-        if self.task is not None:
-            self.task.advance(n)
-        if self.said or not hasattr(self.progress, "note"):
-            return
-        spent = self.clock() - self.t0
-        if self.done >= self.total / 50 or spent >= 1.0:
-            self.said = True
-            left = spent * (self.total - self.done) / max(self.done, 1)
-            if spent + left > ANNOUNCE_ABOVE_S:
-                self.progress.note(f"sampling {self.total:,} codes will take about {duration_text(spent + left)} "
-                                   f"({self.done / max(spent, 1e-9):,.0f} codes/s so far)")
-
-
-def duration_text(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-@contextmanager
-def _task(progress: Any, total: int) -> Iterator[Any]:
-    if progress is None:
-        yield None
-    elif hasattr(progress, "task"):
-        with progress.task("sample codes", total=total, unit="code") as t:
-            yield _Estimate(t, progress, total)
-    else:
-        yield progress
-
-
-def log_likelihood(prior: GatedPixelCNN, indices: torch.Tensor, cond: Cond = None, *,
-                   batch_size: int | None = None) -> torch.Tensor:
-    """Negative log-likelihood per code in nats, ``FloatTensor[B, *latent]`` (``-log p(z_i | z_<i)``).
-
-    Equals ``F.cross_entropy(prior(indices, cond), indices, reduction="none")``; computed in eval mode
-    without gradients. Summing over the grid gives the code grid's total NLL.
-    """
-    _need_autoregressive(prior)
-    idx = indices.long().to(prior.embedding.weight.device)
-    b = idx.shape[0]
-    bs = max(1, int(batch_size or b or 1))
-    outs = []
-    with _eval_mode(prior):
-        for s in range(0, b, bs):
-            logits = prior(idx[s:s + bs], _cond_slice(cond, s, min(b, s + bs), b))
-            outs.append(F.cross_entropy(logits.float(), idx[s:s + bs], reduction="none"))
-    return torch.cat(outs) if outs else torch.empty(0, *idx.shape[1:])
-
-
-def marginal_logits(codes: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """``[*latent, K]`` log training frequencies of each code at each position, from the training code
-    grids ``codes [N, *latent]`` (``-inf`` where a code never occurs): the "no prior" baseline of
-    the Keras VQ-VAE example, with the anatomy's position dependence but no interaction between codes."""
-    idx = codes.long().flatten(1)
-    counts = torch.zeros(idx.shape[1], num_embeddings, dtype=torch.float64)
-    counts.scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=torch.float64))
-    return (counts / counts.sum(1, keepdim=True)).log().reshape(*codes.shape[1:], num_embeddings)
-
-
-def sample_independent(logits: torch.Tensor, n: int, *, temperature: float = 1.0, top_k: int | None = None,
-                       seed: int | None = None) -> torch.LongTensor:
-    """``n`` code grids drawn position by position, independently, from ``logits [*latent, K]``, with
-    the same uniforms, temperature and top-k rule as :func:`sample_tokens` (uniform codes: zeros)."""
-    shape, k = tuple(logits.shape[:-1]), logits.shape[-1]
-    if temperature < 0:
-        raise MrivqError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise MrivqError(f"top_k must be >= 1, got {top_k}")
-    p = math.prod(shape)
-    u = sample_uniforms(seed, n, p)
-    flat = logits.reshape(1, p, k).expand(n, p, k).reshape(n * p, k)
-    return pick(flat, u.reshape(-1), temperature, top_k).reshape(n, *shape)

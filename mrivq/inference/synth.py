@@ -29,7 +29,7 @@ PRIORS = ("pixelcnn", "marginal", "uniform")
 def baseline_logits(r: Any, prior: str) -> torch.Tensor:
     """``[*latent, K]`` logits of a prior-free baseline: per-position training frequencies of the
     codes (from the run's code cache, which must belong to its VQ-VAE) or uniform."""
-    from mrivq.inference.sampling import marginal_logits
+    from mrivq.inference.likelihood import marginal_logits
 
     k = int(r.vqvae.num_embeddings)
     if prior == "uniform":
@@ -106,7 +106,8 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     ``uniform`` draws codes uniformly at random. ``fmt``: ``nifti``, ``dicom`` (one DICOM series
     folder per 3D sample, :mod:`mrivq.io.dicom_out`) or ``both``. ``calibrate``: decoded volumes go through
     the run's intensity calibration (:mod:`mrivq.models.calibration`) when it has one."""
-    from mrivq.inference.sampling import sample_independent, sample_tokens
+    from mrivq.inference.likelihood import sample_independent
+    from mrivq.inference.sampling import sample_tokens
     from mrivq.io.images import save_nifti, save_png
     from mrivq.utils.limits import check_seed
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mrivq.inference.sampling import log_likelihood, sample_tokens
+from mrivq.inference.likelihood import log_likelihood
+from mrivq.inference.sampling import sample_tokens
 from mrivq.models.pixelcnn import GatedPixelCNN
 from mrivq.utils.errors import MrivqError
 from mrivq.utils.progress import Progress
@@ -207,6 +208,7 @@ def test_first_draws_a_part_of_the_seeds_sequence() -> None:
 
 
 def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
+    import mrivq.inference.draws as D
     import mrivq.inference.sampling as S
 
     class Recorder(Progress):
@@ -221,8 +223,8 @@ def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
     quiet = Recorder()
     sample_tokens(prior, (3, 4, 3), 2, seed=0, progress=quiet)
     assert quiet.notes == []  # a short sampling says nothing
-    monkeypatch.setattr(S, "ANNOUNCE_ABOVE_S", -1.0)  # every sampling counts as long
+    monkeypatch.setattr(D, "ANNOUNCE_ABOVE_S", -1.0)  # every sampling counts as long
     told = Recorder()
     sample_tokens(prior, (3, 4, 3), 2, seed=0, progress=told)
     assert len(told.notes) == 1 and "sampling 72 codes will take about" in told.notes[0]
-    assert S.duration_text(30) == "30 s" and S.duration_text(600) == "10 min" and S.duration_text(7200) == "2.0 h"
+    assert D.duration_text(30) == "30 s" and D.duration_text(600) == "10 min" and D.duration_text(7200) == "2.0 h"

@@ -221,7 +221,7 @@ def test_features_checkpoint_errors(tmp_path: Path, make, spec: str, needle: str
 
 
 def test_independent_sampler_follows_position_frequencies() -> None:
-    from mrivq.inference.sampling import marginal_logits, sample_independent
+    from mrivq.inference.likelihood import marginal_logits, sample_independent
 
     codes = torch.zeros(10, 2, 3, dtype=torch.long)
     codes[:, 0, 0] = 5  # always 5 at one position

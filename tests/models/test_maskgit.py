@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrivq.inference.sampling import decode_masked, heal_tokens, log_likelihood, sample_masked, sample_tokens
+from mrivq.inference.likelihood import log_likelihood
+from mrivq.inference.masked_sampling import decode_masked, sample_masked
+from mrivq.inference.sampling import heal_tokens, sample_tokens
 from mrivq.models.factory import build_prior, prior_from_config
 from mrivq.models.maskgit import MaskedTokenPrior, mask_ratio, masked_nats, masked_token_loss, random_masks
 from mrivq.utils.errors import MrivqError
