@@ -1,0 +1,1 @@
+"""Run folders: their files (:mod:`~mrivq.runs.folder`) and a trained run loaded for use (:mod:`~mrivq.runs.run`)."""
