@@ -153,7 +153,7 @@ CASES = [
 
 @pytest.mark.parametrize("args, needle", CASES, ids=[c[0][1].split("/")[-1] for c in CASES])
 def test_bad_images_are_one_line_and_touch_nothing(args: list[str], needle: str, tmp_path: Path,
-                                                   trained_run: Path) -> None:  # noqa: F811
+                                                   trained_run: Path) -> None:
     _inputs(tmp_path)
     before = _snapshot(tmp_path, trained_run)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--run", str(trained_run), "--device", "cpu"]
@@ -176,7 +176,7 @@ TRAIN_CASES = [
 
 @pytest.mark.parametrize("extra, needle", TRAIN_CASES, ids=[c[0][1].split("=")[0] for c in TRAIN_CASES])
 def test_bad_config_values_are_refused_before_work(extra: list[str], needle: str, tmp_path: Path,
-                                                  phantom_root: Path) -> None:  # noqa: F811
+                                                  phantom_root: Path) -> None:
     _inputs(tmp_path)
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     proc = _mrivq("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
@@ -185,7 +185,7 @@ def test_bad_config_values_are_refused_before_work(extra: list[str], needle: str
     assert not (tmp_path / "run").exists()
 
 
-def test_set_on_resume_is_validated_too(trained_run: Path) -> None:  # noqa: F811
+def test_set_on_resume_is_validated_too(trained_run: Path) -> None:
     before = _snapshot(trained_run)
     _assert_one_line(_mrivq("train", "--resume", "--out", str(trained_run), "--set", "train.val_evry=3"),
                      "did you mean val_every?")
@@ -194,7 +194,7 @@ def test_set_on_resume_is_validated_too(trained_run: Path) -> None:  # noqa: F81
     assert _snapshot(trained_run) == before
 
 
-def test_damaged_run_folders(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_damaged_run_folders(trained_run: Path, tmp_path: Path) -> None:
     listed = tmp_path / "listed"
     shutil.copytree(trained_run, listed)
     (listed / "run.json").write_text("[1, 2]")
@@ -203,14 +203,14 @@ def test_damaged_run_folders(trained_run: Path, tmp_path: Path) -> None:  # noqa
     _assert_one_line(_mrivq("synth", "--run", str(listed), "--out", str(tmp_path / "s")), "cannot be read")
 
 
-def test_a_finished_run_is_not_rewritten_by_fewer_steps(trained_run: Path) -> None:  # noqa: F811
+def test_a_finished_run_is_not_rewritten_by_fewer_steps(trained_run: Path) -> None:
     before = _snapshot(trained_run)
     _assert_one_line(_mrivq("train", "--stage", "prior", "--run", str(trained_run), "--prior-max-steps", "1",
                             "--device", "cpu"), "fewer than the 6 steps the run's prior has already trained")
     assert _snapshot(trained_run) == before
 
 
-def test_train_never_writes_into_a_users_folder(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_train_never_writes_into_a_users_folder(phantom_root: Path, tmp_path: Path) -> None:
     """`train --config DIR/config.yaml --out DIR` used to overwrite the user's file."""
     (tmp_path / "config.yaml").write_text("base: vqvae3d-cpu\ntrain:\n  batch_size: 2\n")
     before = _snapshot(tmp_path)
@@ -220,7 +220,7 @@ def test_train_never_writes_into_a_users_folder(phantom_root: Path, tmp_path: Pa
     assert _snapshot(tmp_path) == before
 
 
-def test_a_run_in_use_is_refused(trained_run: Path) -> None:  # noqa: F811
+def test_a_run_in_use_is_refused(trained_run: Path) -> None:
     before = _snapshot(trained_run)
     with FileLock(str(trained_run / ".lock")):
         proc = _mrivq("train", "--resume", "--out", str(trained_run), "--device", "cpu")
@@ -228,7 +228,7 @@ def test_a_run_in_use_is_refused(trained_run: Path) -> None:  # noqa: F811
     assert _snapshot(trained_run) == before
 
 
-def test_an_incomplete_run_is_named_and_resumes_from_scratch(trained_run: Path, phantom_root: Path,  # noqa: F811
+def test_an_incomplete_run_is_named_and_resumes_from_scratch(trained_run: Path, phantom_root: Path,
                                                              tmp_path: Path) -> None:
     """A run stopped while preparing its data: run.json and config.yaml, no checkpoint yet."""
     run = tmp_path / "half"
@@ -246,7 +246,7 @@ def test_an_incomplete_run_is_named_and_resumes_from_scratch(trained_run: Path, 
     assert (run / "checkpoints" / "prior_last.pt").is_file()
 
 
-def test_nan_voxels_are_set_to_zero_with_a_warning(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_nan_voxels_are_set_to_zero_with_a_warning(trained_run: Path, tmp_path: Path) -> None:
     vol = _vol()
     vol[3, 4, 5] = np.nan
     vol[6, 7, 8] = np.inf
@@ -259,7 +259,7 @@ def test_nan_voxels_are_set_to_zero_with_a_warning(trained_run: Path, tmp_path: 
     assert np.isfinite(nib.load(tmp_path / "r.nii.gz").get_fdata()).all()
 
 
-def test_synth_rerun_continues_an_interrupted_one(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_synth_rerun_continues_an_interrupted_one(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     args = ("synth", "--run", str(trained_run), "--count", "3", "--out", str(out), "--device", "cpu")
     assert invoke(*args).exit_code == 0
@@ -298,7 +298,7 @@ def test_a_bug_keeps_its_traceback() -> None:
     assert user_message(KeyError("x")) is None
 
 
-def test_damaged_checkpoints_and_caches(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_damaged_checkpoints_and_caches(trained_run: Path, tmp_path: Path) -> None:
     import torch
 
     run = tmp_path / "copy"
@@ -313,7 +313,7 @@ def test_damaged_checkpoints_and_caches(trained_run: Path, tmp_path: Path) -> No
                      "codes.pt cannot be read")
 
 
-def test_outputs_never_replace_a_runs_own_files(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_outputs_never_replace_a_runs_own_files(trained_run: Path, tmp_path: Path) -> None:
     src = _nifti(tmp_path / "in.nii.gz", _vol())
     before = _snapshot(trained_run)
     for target in ("checkpoints/vqvae_best.pt", "run.json"):
@@ -324,13 +324,13 @@ def test_outputs_never_replace_a_runs_own_files(trained_run: Path, tmp_path: Pat
     assert _snapshot(trained_run) == before
 
 
-def test_synth_refuses_a_count_beyond_the_memory_budget(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_synth_refuses_a_count_beyond_the_memory_budget(trained_run: Path, tmp_path: Path) -> None:
     _assert_one_line(_mrivq("synth", "--run", str(trained_run), "--count", "100000000", "--out", str(tmp_path / "s")),
                      "--count 100000000 needs")
     assert not (tmp_path / "s").exists()
 
 
-def test_outputs_follow_the_users_umask(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_outputs_follow_the_users_umask(trained_run: Path, tmp_path: Path) -> None:
     """Atomic writes go through mkstemp (mode 0600); the finished file gets the mode open() would give."""
     src = _nifti(tmp_path / "in.nii.gz", _vol())
     old = os.umask(0o027)
@@ -345,7 +345,8 @@ def test_outputs_follow_the_users_umask(trained_run: Path, tmp_path: Path) -> No
         assert os.stat(p).st_mode & 0o777 == 0o640, p
 
 
-def test_ctrl_c_in_synth_keeps_finished_samples_and_a_rerun_continues(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.slow
+def test_ctrl_c_in_synth_keeps_finished_samples_and_a_rerun_continues(trained_run: Path, tmp_path: Path) -> None:
     """A real SIGINT to a running `mrivq synth`: one line, exit 130, every sample with a sidecar complete
     (volume and preview too), and the same command again finishes the rest without --overwrite."""
     import signal as sig
@@ -392,7 +393,7 @@ def test_no_arguments_still_prints_the_help() -> None:
     assert "Usage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_damaged_prior_does_not_stop_commands_that_need_only_the_vqvae(trained_run: Path, phantom_root: Path,  # noqa: F811
+def test_a_damaged_prior_does_not_stop_commands_that_need_only_the_vqvae(trained_run: Path, phantom_root: Path,
                                                                          tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -407,7 +408,7 @@ def test_a_damaged_prior_does_not_stop_commands_that_need_only_the_vqvae(trained
 
 
 @pytest.mark.parametrize("seed", [str(2**63), str(-(2**63) - 1), str(10**30)])
-def test_a_seed_beyond_64_bits_is_one_line(seed: str, trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_seed_beyond_64_bits_is_one_line(seed: str, trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     _assert_one_line(_mrivq("synth", "--run", str(trained_run), "--count", "1", "--seed", seed, "--out", str(out),
                             "--device", "cpu"), "outside the 64-bit range")

@@ -60,7 +60,7 @@ def test_cuda_without_a_gpu_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> 
         resolve_device("tpu")
 
 
-def test_config_file_and_epochs(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_config_file_and_epochs(phantom_root: Path, tmp_path: Path) -> None:
     """--config merges over the preset, --set over both; --epochs sets the step count from the data."""
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("train:\n  batch_size: 3\n  lr: 0.0005\nmodel:\n  num_embeddings: 16\n")
@@ -90,7 +90,7 @@ def test_config_file_and_epochs(phantom_root: Path, tmp_path: Path) -> None:  # 
     assert res.exit_code == 2 and "bad.yaml" in res.output
 
 
-def test_tensorboard_events(trained_run: Path) -> None:  # noqa: F811
+def test_tensorboard_events(trained_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = list((trained_run / "tb").rglob("events.out.tfevents.*"))

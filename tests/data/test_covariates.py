@@ -74,7 +74,7 @@ def _train(root: Path, run: Path, *extra: str):
                   str(run), "--device", "cpu", "--max-steps", "4", "--prior-max-steps", "3", *TINY, *extra)
 
 
-def test_train_synth_and_score_with_an_age_covariate(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_train_synth_and_score_with_an_age_covariate(phantom_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = _train(phantom_root, run, "--set", "data.covariates=[age]")
     assert res.exit_code == 0, res.output
@@ -114,7 +114,7 @@ def test_train_synth_and_score_with_an_age_covariate(phantom_root: Path, tmp_pat
     assert nll[0] != nll[1]  # the covariate reaches the prior
 
 
-def test_covariate_errors_at_train_time(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_covariate_errors_at_train_time(phantom_root: Path, tmp_path: Path) -> None:
     res = _train(phantom_root, tmp_path / "a", "--set", "data.covariates=[sex]")
     assert res.exit_code == 2 and "not numeric" in res.output and "data.condition_on=sex" in res.output
     res = _train(phantom_root, tmp_path / "b", "--set", "prior.model.num_covariates=2")
@@ -124,7 +124,7 @@ def test_covariate_errors_at_train_time(phantom_root: Path, tmp_path: Path) -> N
     assert res.exit_code == 2 and "num_covariates is 3" in res.output
 
 
-def test_unconditional_run_rejects_covariates(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_unconditional_run_rejects_covariates(phantom_root: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert _train(phantom_root, run).exit_code == 0
     res = invoke("synth", "--run", str(run), "--count", "1", "--out", str(tmp_path / "s"), "--covariate", "age=3",

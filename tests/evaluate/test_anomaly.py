@@ -16,7 +16,7 @@ from tests.helpers import TINY, invoke
 
 
 @pytest.fixture(scope="module")
-def lesion_root(phantom_root: Path) -> Path:  # noqa: F811
+def lesion_root(phantom_root: Path) -> Path:
     res = invoke("fetch", "phantom", "--lesions", "--root", str(phantom_root), "--count", "6", "--shape",
                  "32", "32", "32", "--spacing", "6", "--seed", "5")
     assert res.exit_code == 0, res.output
@@ -82,7 +82,7 @@ def _heal(run: Path, img: Path, out: Path, *extra: str) -> np.ndarray:
 
 
 def test_heal_finds_an_inserted_lesion_and_leaves_a_healthy_scan_nearly_unchanged(
-        trained_run: Path, twin_root: Path, tmp_path: Path) -> None:  # noqa: F811
+        trained_run: Path, twin_root: Path, tmp_path: Path) -> None:
     _, ref_mask = _lesion_subject(twin_root, "tumour")
     twin = twin_root / "phantom-s5" / ref_mask.parent.name / ref_mask.name.replace("_mask", "_t1")
     # a bright mass in the middle of the healthy twin's brain: far outside what an 8-step model has seen,
@@ -123,7 +123,7 @@ def test_heal_finds_an_inserted_lesion_and_leaves_a_healthy_scan_nearly_unchange
     assert (masked[16:] == 0).all() and np.allclose(masked[:16], sick[:16])
 
 
-def test_heal_bad_input(trained_run: Path, lesion_root: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_heal_bad_input(trained_run: Path, lesion_root: Path, phantom_root: Path, tmp_path: Path) -> None:
     img, _ = _lesion_subject(lesion_root, "wmh")
     out = tmp_path / "m.nii.gz"
 
@@ -157,7 +157,7 @@ def test_heal_bad_input(trained_run: Path, lesion_root: Path, phantom_root: Path
     assert res.exit_code == 2 and "no trained prior" in res.output
 
 
-def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesion_root: Path,  # noqa: F811
+def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesion_root: Path,
                                                         tmp_path: Path) -> None:
     out = tmp_path / "a.json"
     args = ["eval", "--anomaly", "--run", str(trained_run), "--root", str(lesion_root), "--device", "cpu",
@@ -217,7 +217,7 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
             HealOptions(**bad).validate()
 
 
-def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_zscore_flagging_and_smoothing(trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:
     import torch
 
     from mrivq.inference.heal import nll_reference, smooth_map
@@ -283,7 +283,7 @@ def test_residual_reference_is_the_per_voxel_mean_and_sd_of_healthy_residuals() 
 
 
 def test_normalized_healing_scores_residuals_against_healthy_scans(
-        trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:  # noqa: F811
+        trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:
     import shutil
     from dataclasses import replace
 
@@ -354,7 +354,7 @@ def test_normalized_healing_scores_residuals_against_healthy_scans(
     assert js["--normalize"]["methods"]["residual"] == js["--no-normalize"]["methods"]["residual"]
 
 
-def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_root: Path,  # noqa: F811
+def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_root: Path,
                                                      tmp_path: Path) -> None:
     """Lesion phantoms are a cohort of their own (ids ``sub-les*``, anatomy from another stream, for any
     seed); `eval --anomaly` refuses subjects that are, by id or healthy anatomy, in the run's split (a
@@ -390,7 +390,7 @@ def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_r
     assert m["overlap"] == {"subjects": sorted(s["subject"] for s in meta["subjects"]), "allowed": True}
 
 
-def test_zscore_reference_is_the_validation_codes(trained_run: Path) -> None:  # noqa: F811
+def test_zscore_reference_is_the_validation_codes(trained_run: Path) -> None:
     import torch
 
     from mrivq.inference.files import RESIDUAL_REFERENCE_MIN, run_nll_reference

@@ -21,7 +21,7 @@ SCHEMA = Path(__file__).parents[2] / "fixtures" / "bundle_meta_schema.json"
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def bundle(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     res = invoke("export", "--run", str(trained_run), "--bundle", str(out), "--num-samples", "2")
     assert res.exit_code == 0, res.output
@@ -51,7 +51,8 @@ def test_bundle_layout_and_metadata_verify(bundle: Path, tmp_path: Path) -> None
     assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
-def test_monai_runs_the_bundle_offline_and_checks_its_network(bundle: Path, trained_run: Path,  # noqa: F811
+@pytest.mark.slow
+def test_monai_runs_the_bundle_offline_and_checks_its_network(bundle: Path, trained_run: Path,
                                                                tmp_path: Path) -> None:
     from monai.bundle import verify_net_in_out
 
@@ -76,7 +77,7 @@ def test_monai_runs_the_bundle_offline_and_checks_its_network(bundle: Path, trai
     assert ds[0]["image"].shape == (1, 32, 32, 32)
 
 
-def test_export_bad_input(bundle: Path, trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_export_bad_input(bundle: Path, trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:
     from mrivq.inference.bundle import load_bundle
     from mrivq.utils.errors import RunError
 

@@ -209,7 +209,6 @@ def test_first_draws_a_part_of_the_seeds_sequence() -> None:
 
 def test_long_sampling_says_how_long_it_will_take(monkeypatch) -> None:
     import mrivq.inference.draws as D
-    import mrivq.inference.sampling as S
 
     class Recorder(Progress):
         def __init__(self) -> None:

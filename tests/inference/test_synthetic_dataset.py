@@ -15,7 +15,7 @@ from mrivq.utils.errors import MrivqError
 from tests.helpers import invoke
 
 
-def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Path) -> None:
     from monai.data import MetaTensor
 
     ds = mrivq.SyntheticDataset(trained_run, 3, seed=4)
@@ -44,7 +44,7 @@ def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Pa
         np.testing.assert_allclose(from_folder[i]["image"].numpy(), ds[i]["image"].numpy(), atol=1e-4)
 
 
-def test_dataloader_workers_and_concat_with_real_data(trained_run: Path) -> None:  # noqa: F811
+def test_dataloader_workers_and_concat_with_real_data(trained_run: Path) -> None:
     from monai.data import DataLoader, Dataset
     from torch.utils.data import ConcatDataset
 
@@ -63,7 +63,7 @@ def test_dataloader_workers_and_concat_with_real_data(trained_run: Path) -> None
     assert len(list(DataLoader(mixed, batch_size=5))) == 1
 
 
-def test_bad_arguments(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bad_arguments(trained_run: Path, tmp_path: Path) -> None:
     with pytest.raises(MrivqError, match="num_samples"):
         mrivq.SyntheticDataset(trained_run, 0)
     with pytest.raises(MrivqError, match="intensity"):

@@ -84,7 +84,7 @@ def _pooled_w1(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.quantile(a.ravel(), q) - np.quantile(b.ravel(), q)).mean())
 
 
-def test_run_fits_it_and_its_reconstructions_match_the_training_histogram(trained_run: Path) -> None:  # noqa: F811
+def test_run_fits_it_and_its_reconstructions_match_the_training_histogram(trained_run: Path) -> None:
     from mrivq.data.split import load_split
     from mrivq.runs.folder import codes_path, load_codes
     from mrivq.runs.run import load_run
@@ -101,7 +101,7 @@ def test_run_fits_it_and_its_reconstructions_match_the_training_histogram(traine
     assert _pooled_w1(calibrated, x) < 0.5 * _pooled_w1(raw, x)
 
 
-def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Path) -> None:
     res = invoke("synth", "--run", str(trained_run), "--count", "2", "--out", str(tmp_path / "a"), "--device", "cpu")
     assert res.exit_code == 0, res.output
     res = invoke("synth", "--run", str(trained_run), "--count", "2", "--out", str(tmp_path / "b"), "--device", "cpu",
@@ -128,7 +128,7 @@ def test_synth_calibrates_by_default_and_says_so(trained_run: Path, tmp_path: Pa
     assert not samples_calibrated(nifti_files(tmp_path / "a"))
 
 
-def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_path: Path) -> None:
     from mrivq.runs.run import load_run
 
     run = tmp_path / "copy"
@@ -151,7 +151,7 @@ def test_a_retrained_vqvae_leaves_no_stale_calibration(trained_run: Path, tmp_pa
     assert load_run(run).calibration is not None
 
 
-def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,  # noqa: F811
+def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import mrivq.training.prior as tp
     from mrivq.runs.run import load_run
@@ -173,7 +173,7 @@ def test_fit_takes_evenly_spread_subjects(trained_run: Path, tmp_path: Path,  # 
     assert load_run(run).calibration["subjects"] == 2 and sum(seen) == 4  # 2 decoded + their 2 scans
 
 
-def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> None:
     from mrivq.inference.bundle import load_bundle
     from mrivq.runs.run import load_run
 
@@ -185,7 +185,7 @@ def test_bundle_carries_the_calibration(trained_run: Path, tmp_path: Path) -> No
     assert torch.allclose(b.decode(codes), r.decode(codes))
 
 
-def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> None:  # noqa: F811
+def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> None:
     from mrivq.data.split import load_split
     from mrivq.inference.heal import HealOptions, heal
     from mrivq.runs.run import load_run
@@ -211,7 +211,7 @@ def test_healing_can_compare_calibrated_reconstructions(trained_run: Path) -> No
     assert not torch.allclose(raw["recon_residual"], cal["recon_residual"])
 
 
-def test_score_heal_calibrate_cli(trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_score_heal_calibrate_cli(trained_run: Path, phantom_root: Path, tmp_path: Path) -> None:
     scan = sorted((phantom_root / "phantom").rglob("*.nii.gz"))[0]
     res = invoke("score", str(scan), "-o", str(tmp_path / "map.nii.gz"), "--run", str(trained_run), "--heal",
                  "--calibrate", "--device", "cpu")

@@ -147,7 +147,7 @@ def test_likelihood_and_healing_need_the_autoregressive_prior() -> None:
 
 
 @pytest.fixture(scope="module")
-def maskgit_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def maskgit_run(phantom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "mg"
     res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
                  "--out", str(run), "--device", "cpu", "--max-steps", "4", "--prior-max-steps", "4", *TINY,
@@ -172,7 +172,7 @@ def test_cli_trains_and_synthesizes_with_the_maskgit_family(maskgit_run: Path, t
     assert res2.exit_code == 0 and a == (tmp_path / "t" / "synth_0001.nii.gz").read_bytes()
 
 
-def test_cli_score_refuses_a_maskgit_prior_in_one_line(maskgit_run: Path, phantom_root: Path,  # noqa: F811
+def test_cli_score_refuses_a_maskgit_prior_in_one_line(maskgit_run: Path, phantom_root: Path,
                                                        tmp_path: Path) -> None:
     img = phantom_root / "phantom" / "sub-0000" / "sub-0000_t1.nii.gz"
     for extra in ([], ["--heal"]):

@@ -48,7 +48,7 @@ def _train(root: Path, run: Path, *extra: str) -> None:
     assert res.exit_code == 0, res.output
 
 
-def test_prior_conditioned_on_modality(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_prior_conditioned_on_modality(phantom_root: Path, tmp_path: Path) -> None:
     """One 1-channel VQ-VAE over T1 and T2 images; a prior with one class per modality; synth by name."""
     run = tmp_path / "run"
     _train(phantom_root, run, "--modality", "t1", "--modality", "t2", "--set", "data.pool_modalities=true",
@@ -85,7 +85,7 @@ def test_prior_conditioned_on_modality(phantom_root: Path, tmp_path: Path) -> No
     assert ev["by_class"]["t1"]["psnr"] != ev["by_class"]["t2"]["psnr"]
 
 
-def test_prior_conditioned_on_a_manifest_column(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_prior_conditioned_on_a_manifest_column(phantom_root: Path, tmp_path: Path) -> None:
     """The phantom's ``sex`` column stands in for IXI's ``site``: any manifest column works."""
     rows = load_manifest(phantom_root / "phantom")
     want = sorted({r["sex"] for r in rows})
@@ -102,14 +102,14 @@ def test_prior_conditioned_on_a_manifest_column(phantom_root: Path, tmp_path: Pa
     assert res.exit_code == 2 and "pass --class" in res.output and want[0] in res.output
 
 
-def test_condition_on_modality_needs_pooling(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_condition_on_modality_needs_pooling(phantom_root: Path, tmp_path: Path) -> None:
     res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
                  "--out", str(tmp_path / "r"), "--device", "cpu", "--max-steps", "2", *TINY,
                  "--modality", "t1", "--modality", "t2", "--set", "data.condition_on=modality")
     assert res.exit_code == 2 and "data.pool_modalities=true" in res.output
 
 
-def test_num_classes_must_match_the_column(phantom_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_num_classes_must_match_the_column(phantom_root: Path, tmp_path: Path) -> None:
     res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
                  "--out", str(tmp_path / "r"), "--device", "cpu", "--max-steps", "2", "--prior-max-steps", "2",
                  *TINY, "--set", "data.condition_on=sex", "--set", "prior.model.num_classes=5")

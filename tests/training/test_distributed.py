@@ -13,7 +13,8 @@ import torch
 
 from tests.helpers import TINY
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed"),
+              pytest.mark.slow]  # torchrun: several processes per test
 
 SMALL = [*TINY, "--set", "prior.train.batch_size=4"]  # global batches that split over 2 ranks
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

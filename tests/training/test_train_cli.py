@@ -221,6 +221,7 @@ ADVERSARIAL = ["--set", "train.adversarial_weight=0.1", "--set", "train.adversar
                "--set", "train.disc_channels=4", "--set", "train.disc_layers=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ADVERSARIAL, ["--set", "train.workers=2"]],
                          ids=["plain", "adversarial", "loader-workers"])
 def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path: Path, extra: list[str]) -> None:
@@ -259,6 +260,7 @@ def test_resume_after_sigterm_equals_uninterrupted(phantom_root: Path, tmp_path:
         assert all(np.isfinite(x["adv_d"]) for x in logged)
 
 
+@pytest.mark.slow
 def test_prior_resume_after_sigint_equals_uninterrupted(trained_run: Path, tmp_path: Path) -> None:
     """Ctrl-C in stage 2 writes prior_last.pt at the step it stopped; resuming gives the same prior."""
     import shutil
