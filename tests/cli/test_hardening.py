@@ -104,6 +104,7 @@ def _assert_one_line(proc: subprocess.CompletedProcess, needle: str) -> None:
 
 def _inputs(tmp: Path) -> None:
     _nifti(tmp / "zero_affine.nii.gz", _vol(), np.zeros((4, 4)))
+    _nifti(tmp / "singular_affine.nii.gz", _vol(), np.diag([6.0, 6.0, 0.0, 1.0]))
     nan_aff = AFF.copy()
     nan_aff[0, 3] = np.nan
     _nifti(tmp / "nan_affine.nii.gz", _vol(), nan_aff)
@@ -136,7 +137,8 @@ def _inputs(tmp: Path) -> None:
 
 
 CASES = [
-    (["encode", "{tmp}/zero_affine.nii.gz", "-o", "{tmp}/c.npz"], "is singular"),
+    (["encode", "{tmp}/zero_affine.nii.gz", "-o", "{tmp}/c.npz"], "its sform is all zeros although"),
+    (["encode", "{tmp}/singular_affine.nii.gz", "-o", "{tmp}/c.npz"], "is singular"),
     (["reconstruct", "{tmp}/nan_affine.nii.gz", "-o", "{tmp}/r.nii.gz"], "matrix) is not finite"),
     (["score", "{tmp}/flat.nii.gz", "-o", "{tmp}/s.nii.gz"], "a 2D image or a single slice"),
     (["encode", "{tmp}/all_nan.nii.gz", "-o", "{tmp}/c.npz"], "holds no finite voxel"),

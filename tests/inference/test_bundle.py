@@ -17,7 +17,7 @@ import torch
 import mrivq
 from tests.helpers import TINY, invoke
 
-SCHEMA = Path(__file__).parents[2] / "fixtures" / "bundle_meta_schema.json"
+SCHEMA = Path(__file__).parents[1] / "fixtures" / "bundle_meta_schema.json"
 
 
 @pytest.fixture(scope="module")

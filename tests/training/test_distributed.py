@@ -97,8 +97,17 @@ def test_two_rank_run_resumes_under_torchrun(root: Path, tmp_path: Path) -> None
 def test_batch_that_does_not_split_is_a_clear_error(root: Path, tmp_path: Path) -> None:
     res = _train(root, tmp_path / "odd", 2, "--max-steps", "2", "--set", "train.batch_size=3", check=False)
     assert res.returncode != 0
-    assert "global batch of 3 does not split over 2 processes" in res.stderr
+    assert "train.batch_size=3 does not split over 2 processes" in res.stderr
+    assert "preprocessing" not in res.stderr, "refused before any data is prepared"
     assert "/mrivq/" not in res.stderr, "a traceback through mrivq (torchrun's own summary is expected)"
+
+
+def test_a_batch_larger_than_the_set_is_capped_to_split_over_the_ranks(root: Path, tmp_path: Path) -> None:
+    """5 training subjects, batch 8, 2 ranks: each step takes 4 (2 per rank) instead of refusing 5."""
+    res = _train(root, tmp_path / "small", 2, "--max-steps", "2", "--prior-max-steps", "1",
+                 "--set", "train.batch_size=8")
+    assert res.returncode == 0
+    assert torch.load(tmp_path / "small" / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"] == 2
 
 
 def test_a_failing_rank_stops_the_others(root: Path, tmp_path: Path) -> None:
