@@ -153,14 +153,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, needle", CASES, ids=[c[0][1].split("/")[-1] for c in CASES])
+def _limited(args: list[str]) -> bool:
+    """The bombs run in a process of their own under a memory limit."""
+    return any(k in args[1] for k in ("bomb", "huge"))
+
+
+@pytest.mark.parametrize("args, needle", [pytest.param(*c, marks=[pytest.mark.slow] if _limited(c[0]) else [])
+                                          for c in CASES], ids=[c[0][1].split("/")[-1] for c in CASES])
 def test_bad_images_are_one_line_and_touch_nothing(args: list[str], needle: str, tmp_path: Path,
                                                    trained_run: Path) -> None:
     _inputs(tmp_path)
     before = _snapshot(tmp_path, trained_run)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args] + ["--run", str(trained_run), "--device", "cpu"]
-    # the bombs run in a process of their own under a memory limit; the rest through the entry point here
-    proc = _mrivq(*args, limit=any(k in args[1] for k in ("bomb", "huge")))
+    proc = _mrivq(*args, limit=_limited(args))
     _assert_one_line(proc, needle)
     assert _snapshot(tmp_path, trained_run) == before
 

@@ -33,6 +33,7 @@ def test_data_root_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
     assert resolve_root(tmp_path / "flag") == tmp_path / "flag"  # --root wins
 
 
+@pytest.mark.slow
 def test_fetch_uses_mrivq_data(tmp_path: Path) -> None:
     env = {**os.environ, "MRIVQ_DATA": str(tmp_path / "env-root")}
     proc = subprocess.run([sys.executable, "-m", "mrivq", "fetch", "phantom", "--count", "2", "--shape", "16", "16",

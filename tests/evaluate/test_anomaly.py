@@ -157,6 +157,7 @@ def test_heal_bad_input(trained_run: Path, lesion_root: Path, phantom_root: Path
     assert res.exit_code == 2 and "no trained prior" in res.output
 
 
+@pytest.mark.slow
 def test_eval_anomaly_table_json_pictures_and_bad_input(trained_run: Path, lesion_root: Path,
                                                         tmp_path: Path) -> None:
     out = tmp_path / "a.json"
@@ -209,7 +210,7 @@ def test_head_mask_keeps_voids_inside_the_head_and_drops_the_edge() -> None:
     assert filled[0, 0, 5:7, 5:7, 5:7].all() and filled.sum() == 8 ** 3
     eroded = erode_mask(filled, 1)
     assert eroded.sum() == 6 ** 3 and eroded[0, 0, 2].sum() == 0
-    import mrivq.cli.app as cli
+    import mrivq.cli.common as cli
 
     assert (cli.HEAL_THRESHOLD, cli.HEAL_SMOOTH) == (HealOptions().threshold, HealOptions().smooth)  # one default
     for bad in ({"threshold": 0.0}, {"resamples": 0}, {"temperature": 0.0}, {"background": 1.0}, {"erode": -1}):
@@ -282,6 +283,7 @@ def test_residual_reference_is_the_per_voxel_mean_and_sd_of_healthy_residuals() 
         residual_reference(_Halving(), [vols[:2], torch.rand(1, 2, 4, 5, 7)])
 
 
+@pytest.mark.slow
 def test_normalized_healing_scores_residuals_against_healthy_scans(
         trained_run: Path, lesion_root: Path, tmp_path: Path) -> None:
     import shutil

@@ -41,6 +41,7 @@ def samples(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_eval_samples_writes_json_table_and_picture(run: Path, root: Path, samples: Path) -> None:
     res = invoke("eval", "--run", str(run), "--samples", str(samples), "--real", "phantom:val",
                  "--train", "phantom:train", "--root", str(root))
@@ -64,6 +65,7 @@ def test_eval_samples_writes_json_table_and_picture(run: Path, root: Path, sampl
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, samples: Path, tmp_path: Path) -> None:
     """--real defaults to the run's dataset:val; a NIfTI folder and a DICOM folder are real sets too."""
     import shutil
@@ -99,6 +101,7 @@ def test_eval_defaults_and_folders_of_nifti_and_dicom(run: Path, root: Path, sam
     assert m["n_synth"] == 4 and m["sample_paths"] == {"synth_grid": 0, "preprocessed": 4}
 
 
+@pytest.mark.slow
 def test_samples_read_back_exactly_and_any_other_volume_is_preprocessed(run: Path, root: Path, tmp_path: Path) -> None:
     """Volumes written on the run's synth grid come back as the model wrote them (to float32 rounding);
     another model's volumes or real scans in their own geometry go through the run's preprocessing."""
@@ -226,6 +229,7 @@ def test_eval_bad_input_is_one_line(case: str, needle: str, run: Path, root: Pat
         assert (tmp_path / "mine.json").read_text() == "{}"  # the user's file is untouched
 
 
+@pytest.mark.slow
 def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samples: Path, tmp_path: Path) -> None:
     """Samples that are a training subject's code grid decoded (what a prior that memorized would
     give) sit at distance ~0 from the training set as the model reconstructs it; new samples do not."""
@@ -253,6 +257,7 @@ def test_decoded_training_codes_are_caught_as_copies(run: Path, root: Path, samp
     assert new["memorization"] > 5 * m["memorization"]
 
 
+@pytest.mark.slow
 def test_train_and_synth_with_position_embeddings_and_attention(root: Path, tmp_path: Path) -> None:
     """The prior levers go through `mrivq train --set prior.model...`, are stored with the run, and
     the cached sampler (the default) and the reference one give the same samples from them."""

@@ -15,6 +15,7 @@ from mrivq.utils.errors import MrivqError
 from tests.helpers import invoke
 
 
+@pytest.mark.slow
 def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Path) -> None:
     from monai.data import MetaTensor
 
@@ -44,6 +45,7 @@ def test_items_are_deterministic_and_equal_synth(trained_run: Path, tmp_path: Pa
         np.testing.assert_allclose(from_folder[i]["image"].numpy(), ds[i]["image"].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_dataloader_workers_and_concat_with_real_data(trained_run: Path) -> None:
     from monai.data import DataLoader, Dataset
     from torch.utils.data import ConcatDataset

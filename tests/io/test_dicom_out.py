@@ -82,6 +82,7 @@ def test_bad_series_outputs(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
 
 
+@pytest.mark.slow
 def test_synth_reconstruct_decode_write_dicom_like_nifti(trained_run: Path, phantom_root: Path,
                                                          tmp_path: Path) -> None:
     out = tmp_path / "synth"

@@ -82,6 +82,7 @@ def test_real_changes_are_told_apart(real: np.ndarray) -> None:
         assert res["accuracy"] >= 0.9 and res["p_value"] <= 1 / 41 + 1e-9
 
 
+@pytest.mark.slow
 def test_one_distribution_in_unequal_sets_gives_uniform_p_values() -> None:
     """Forty volumes against ten from one distribution: a binomial test of plain accuracy (as the C2ST
     had) is significant whenever the classifier just names the larger set (80% right). Balanced
@@ -98,6 +99,7 @@ def test_one_distribution_in_unequal_sets_gives_uniform_p_values() -> None:
     assert (ps < 0.05).sum() <= 3 and kstest(ps, "uniform").pvalue > 0.01, np.sort(ps)
 
 
+@pytest.mark.slow
 def test_collapse_fails_mmd_and_diversity_and_real_passes(real: np.ndarray) -> None:
     """Copies of the mean volume (a model that always draws the same head): the median-bandwidth
     MMD scored it as well as good samples; the multi-bandwidth MMD and the diversity check fail it,
@@ -190,6 +192,7 @@ def _medicalnet_like(path: Path, depth: int = 10, wrap: bool = True) -> None:
     torch.save({"state_dict": sd} if wrap else sd, path)
 
 
+@pytest.mark.slow
 def test_medicalnet_features_load_and_give_an_fid(tmp_path: Path, real: np.ndarray) -> None:
     _medicalnet_like(tmp_path / "r10.pth")
     fx = load_features(f"medicalnet:{tmp_path / 'r10.pth'}")

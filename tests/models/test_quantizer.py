@@ -217,6 +217,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, xs: list[to
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_all_reduces_ema_statistics_and_shares_restarts(tmp_path):
     """Under torch.distributed (gloo, 2 processes on CPU) every rank keeps the same codebook, and one
     EMA step equals a single process's step on the ranks' batches put together."""
