@@ -18,6 +18,7 @@ from mrivq.cli.common import err, out
 from mrivq.cli.datasets import datasets_app, fetch, presets
 from mrivq.cli.evaluate import eval_
 from mrivq.cli.inference import decode, encode, export, reconstruct, score, synth
+from mrivq.cli.preprocess import preprocess
 from mrivq.cli.train import train
 from mrivq.utils.errors import MrivqError, find_in_chain, user_message
 
@@ -70,7 +71,7 @@ app.add_typer(datasets_app, name="datasets")
 app.command()(fetch)
 app.command()(train)
 app.command("eval")(eval_)
-for _command in (encode, decode, reconstruct, synth, score, export, presets):
+for _command in (preprocess, encode, decode, reconstruct, synth, score, export, presets):
     app.command()(_command)
 
 

@@ -79,21 +79,26 @@ def fetch(
     seed: int | None = typer.Option(None, "--seed", help="phantom: random seed (default 0)."),
     lesions: bool = typer.Option(False, "--lesions", help="phantom: insert one lesion per subject (tumour, "
                                  "white-matter hyperintensities, artefact) with its mask; into phantom-lesions."),
+    varied: bool = typer.Option(False, "--varied", help="phantom: each head at its own pose (up to 15 degrees "
+                                "and 25 mm) in one of three sites' fields of view, one with the neck; the true "
+                                "transform per subject in phantom.json; into phantom-varied."),
     as_name: str | None = typer.Option(None, "--name", help="Folder name under the root (default: the "
-                                       "dataset's name; phantom-lesions with --lesions)."),
+                                       "dataset's name; phantom-lesions with --lesions, phantom-varied with "
+                                       "--varied)."),
 ) -> None:
     """Download (or copy with --from), verify and lay out a dataset; writes manifest.csv."""
     from mrivq.datasets.catalog import get_card, rename_card
     from mrivq.datasets.fetch.job import fetch as do_fetch
 
     card = get_card(name)
-    if lesions and card.access != "builtin":
-        raise MrivqError(f"--lesions is for generated datasets such as phantom, not {card.name}")
-    if as_name or lesions:
-        card = rename_card(card, as_name or f"{card.name}-lesions")
+    for flag, on in (("--lesions", lesions), ("--varied", varied)):
+        if on and card.access != "builtin":
+            raise MrivqError(f"{flag} is for generated datasets such as phantom, not {card.name}")
+    if as_name or lesions or varied:
+        card = rename_card(card, as_name or card.name + ("-varied" if varied else "") + ("-lesions" if lesions else ""))
     r = resolve_root(root)
     opts = {"count": count, "shape": tuple(shape) if shape else None, "spacing": spacing, "seed": seed,
-            "lesions": lesions}
+            "lesions": lesions, "varied": varied}
     with Progress() as prog:
         res = do_fetch(card, r, modalities=modality or None, mirror=mirror, from_path=from_path,
                        progress=prog, builtin_options=opts if card.access == "builtin" else None)

@@ -95,6 +95,8 @@ SCHEMA: dict[str, Any] = {
         "slice_axis": choice(0, 1, 2), "slices_per_volume": POS, "pool_modalities": BOOL,
         "condition_on": optional(string()), "covariates": anything(), "max_subjects": optional(POS),
         "max_val_subjects": optional(POS),
+        "n4": BOOL, "register": choice(None, "rigid", "affine"), "template": string(), "skull_strip": BOOL,
+        "head_percentiles": BOOL, "qc": choice("stop", "skip", "keep"),
     },
     "model": {
         "spatial_dims": choice(2, 3), "in_channels": POS, "out_channels": optional(POS), "channels": int_list(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,16 @@ class VolumeDataset(_Items):
     """
 
     def __init__(self, base: Any, items: list[dict], pre: Preprocess, dataset_dir: Path, *, slices: int = 1,
-                 has_label: bool = False, lohi: list | None = None) -> None:
-        self.base, self.items, self.pre, self.dataset_dir = base, items, pre, Path(dataset_dir)
+                 has_label: bool = False, lohi: list | None = None, keep: list[int] | None = None) -> None:
+        self.base, self.pre, self.dataset_dir = base, pre, Path(dataset_dir)
+        self.keep = list(range(len(items))) if keep is None else list(keep)  # base indices in use (data.qc=skip)
+        self.items = [items[k] for k in self.keep]
         self.slices, self.has_label = int(slices), has_label
-        self._lohi = lohi
+        self._lohi = [lohi[k] for k in self.keep] if lohi else lohi
         self._stats: dict | None = None
 
     def __len__(self) -> int:
-        return len(self.base) * self.slices
+        return len(self.keep) * self.slices
 
     def __getitem__(self, i: int) -> dict:
         if i < 0:
@@ -72,7 +75,9 @@ class VolumeDataset(_Items):
         if not 0 <= i < len(self):
             raise IndexError(i)
         j, s = divmod(i, self.slices)
-        d = run_transforms(self.base.__getitem__, j)
+        d = run_transforms(self.base.__getitem__, self.keep[j])
+        if self.pre.register and self.pre.qc == "stop" and not d.get("registration", {}).get("passed", True):
+            raise MrivqError(qc_message([(d["subject"], d["registration"].get("why", ""))]))
         img = d["image"]
         if self.pre.dims == 2 and img.ndim == 4:  # [n, C, H, W] slices of a volume
             img = img[s]
@@ -230,11 +235,13 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
     data = data_items(items, dataset_dir, pre, has_label)
     slices = pre.slices_per_volume if (volumetric and pre.dims == 2) else 1
     lohi: list | None = None
-    desc = f"preprocessing {dataset_dir.name}"
+    regs: list | None = None
+    desc = f"{'registering and ' if pre.register else ''}preprocessing {dataset_dir.name}"
     if cache == "memory":
         with _progress_task(progress, desc, len(data)) as task:
             base = run_transforms(_CacheDataset, data, transform, num_workers, task)
         lohi = [(c["lo"], c["hi"]) for c in base._cache]
+        regs = [c.get("registration") for c in base._cache]
     elif cache == "disk":
         if cache_dir is None:
             raise MrivqError("cache='disk' needs a cache_dir")
@@ -246,13 +253,43 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
                 c = run_transforms(base._cachecheck, base.data[i])
                 with _ADV_LOCK:
                     task.advance()
-                return c["lo"], c["hi"]
+                return c["lo"], c["hi"], c.get("registration")
 
             with ThreadPool(max(1, num_workers)) as pool:
-                lohi = list(pool.imap(warm, range(len(data))))
+                got = list(pool.imap(warm, range(len(data))))
+            lohi = [(a, b) for a, b, _ in got]
+            regs = [r for _, _, r in got]
     else:
         base = Dataset(data, transform)
     if lohi:
         for d, lh in zip(data, lohi, strict=True):
             LOHI_MEMO[memo_key(d)] = ([float(v) for v in lh[0]], [float(v) for v in lh[1]])
-    return VolumeDataset(base, items, pre, dataset_dir, slices=slices, has_label=has_label, lohi=lohi)
+    keep = None
+    if pre.register and regs is not None:
+        failed = [(str(d["subject"]), (r or {}).get("why", "no registration")) for d, r in zip(data, regs, strict=True)
+                  if not (r or {}).get("passed", False)]
+        if failed and pre.qc == "stop":
+            raise MrivqError(qc_message(failed))
+        if failed:
+            warnings.warn(qc_message(failed, pre.qc), stacklevel=2)
+        if failed and pre.qc == "skip":
+            bad = {s for s, _ in failed}
+            keep = [k for k, d in enumerate(data) if str(d["subject"]) not in bad]
+            if not keep:
+                raise MrivqError(f"every subject of {dataset_dir} fails the registration check; "
+                                 f"{qc_message(failed)}")
+    return VolumeDataset(base, items, pre, dataset_dir, slices=slices, has_label=has_label, lohi=lohi, keep=keep)
+
+
+def qc_message(failed: list[tuple[str, str]], policy: str = "stop") -> str:
+    """One line naming the subjects whose registration failed the quality check, and what to do."""
+    shown = ", ".join(f"{s} ({why})" for s, why in failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5
+                                                                    else "")
+    n = len(failed)
+    head = f"{n} subject{'s' if n != 1 else ''} fail{'s' if n == 1 else ''} the registration check: {shown}"
+    if policy == "skip":
+        return f"{head}; left out (data.qc=skip)"
+    if policy == "keep":
+        return f"{head}; kept as they are (data.qc=keep)"
+    return (f"{head}; look at them with `mrivq preprocess`, then set data.qc=skip to leave them out or "
+            "data.qc=keep to use them")

@@ -86,7 +86,13 @@ def to_intensity(x: torch.Tensor | np.ndarray, stats: dict) -> np.ndarray:
 def synth_geometry(pre: Preprocess, spatial_shape: Sequence[int]) -> np.ndarray:
     """Affine for generated images: the run's spacing and ``pre.orientation`` (array axis i points to its
     i-th axis code, as ``Orientationd`` left the training volumes), the grid centred at 0 mm. A run trained
-    in LPS thus writes LPS arrays with an LPS affine, not a left-right flipped RAS one."""
+    in LPS thus writes LPS arrays with an LPS affine, not a left-right flipped RAS one. A run aligned with
+    a template (``data.register``) writes in template space: the template grid's affine."""
+    if pre.register and pre.dims == 3 and len(spatial_shape) == 3:
+        from mrivq.data.align import load_template, resolve_template, template_grid
+
+        return template_grid(load_template(resolve_template(pre.template)), pre.spacing,
+                             [int(s) for s in spatial_shape])[0]
     shape = [int(s) for s in spatial_shape]
     if pre.spacing is None:
         sp = [1.0] * len(shape)
@@ -107,6 +113,16 @@ def synth_geometry(pre: Preprocess, spatial_shape: Sequence[int]) -> np.ndarray:
         aff[world, axis] = sign * sp[axis]
     aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape[:3], dtype=np.float64) - 1) / 2)
     return aff
+
+
+def sample_space(pre: Preprocess) -> dict:
+    """What a generated sample's sidecar says of its space: ``{"space": "template", "template": NAME}``
+    for a run aligned with a template, ``{"space": "model grid"}`` otherwise."""
+    if pre.register and pre.dims == 3:
+        from mrivq.data.align import resolve_template
+
+        return {"space": "template", "template": resolve_template(pre.template)}
+    return {"space": "model grid"}
 
 
 _WORLD = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}

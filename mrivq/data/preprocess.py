@@ -28,6 +28,13 @@ class Preprocess:
     slice_axis: int = 2  # dims=2 on volumes: which axis to slice (after orientation)
     slices_per_volume: int = 1  # dims=2 on volumes: central slices per subject
     pool_modalities: bool = False  # each modality its own 1-channel image (not channels of one)
+    # Real scans in (3D): bias field, alignment with a template, masks; all off unless a preset turns them on
+    n4: bool = False  # N4 bias-field correction at a reduced resolution, before alignment
+    register: str | None = None  # null | rigid | affine: align with `template`, resample into its box
+    template: str = "auto"  # auto (phantom data: phantom, else icbm152) | icbm152 | phantom | a T1 NIfTI path
+    skull_strip: bool = False  # keep the brain alone (the template's brain mask carried onto the scan)
+    head_percentiles: bool = False  # intensity percentiles inside the head, not over the whole field of view
+    qc: str = "stop"  # a subject failing the registration check: stop | skip | keep (training)
 
     def to_dict(self) -> dict:
         return copy.deepcopy(asdict(self))
@@ -85,6 +92,21 @@ class Preprocess:
             raise bad(f"slices_per_volume must be a positive integer, not {self.slices_per_volume!r}")
         if not isinstance(self.pool_modalities, bool):
             raise bad(f"pool_modalities must be true or false, not {self.pool_modalities!r}")
+        for k in ("n4", "skull_strip", "head_percentiles"):
+            if not isinstance(getattr(self, k), bool):
+                raise bad(f"{k} must be true or false, not {getattr(self, k)!r}")
+        if self.register not in (None, "rigid", "affine"):
+            raise bad(f"register must be rigid, affine or null, not {self.register!r}")
+        if not isinstance(self.template, str) or not self.template:
+            raise bad(f"template must be auto, icbm152, phantom or the path of a T1 NIfTI, not {self.template!r}")
+        if self.qc not in ("stop", "skip", "keep"):
+            raise bad(f"qc must be stop, skip or keep, not {self.qc!r}")
+        if self.dims != 3 and (self.register or self.skull_strip or self.n4):
+            raise bad("n4, register and skull_strip are for 3D models (dims: 3)")
+        if self.skull_strip and not self.register:
+            raise bad("skull_strip needs register (the brain mask comes from the template); set register: affine")
+        if self.register and self.spacing is None:
+            raise bad("register needs a spacing (the template's box is resampled at it)")
 
     @property
     def channels(self) -> int:

@@ -116,6 +116,8 @@ def preprocess_file(path: Path | str | Sequence[Path | str], pre: Preprocess) ->
     }
     if not image2d and pre.dims == 2:
         ctx["slice_axis"] = pre.slice_axis
+    if d.get("registration") is not None:  # the way back goes through the inverse of this transform
+        ctx["registration"] = d["registration"]
     return x, ctx
 
 
@@ -158,6 +160,8 @@ def restore(x: torch.Tensor | np.ndarray, ctx: dict | str, *, intensity: bool = 
         ctx = {**ctx, "lo": [0.0] * x.shape[0], "hi": [1.0] * x.shape[0],
                "ops": _with_identity_scaling(ctx["ops"], x.shape[0])}
     out = None
+    if ctx.get("registration") is not None:  # aligned with a template: one resampling through its inverse
+        method = "resample"
     if method in ("auto", "monai"):
         try:
             out = _restore_monai(x, ctx)
@@ -199,8 +203,13 @@ def _restore_resample(x: torch.Tensor, ctx: dict) -> torch.Tensor:
     shape = list(ctx["shape"])
     if ctx["kind"] == "volume":
         mt = MetaTensor(x, affine=torch.tensor(ctx["preprocessed_affine"], dtype=torch.float64))
+        dst = np.asarray(ctx["affine"], dtype=np.float64)
+        if ctx.get("registration") is not None:  # the input's voxels as they sit in template space
+            from mrivq.data.align import Registration
+
+            dst = Registration.from_dict(ctx["registration"]).registered_affine(dst)
         res = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
-            mt, dst_affine=torch.tensor(ctx["affine"], dtype=torch.float64), spatial_size=tuple(shape))
+            mt, dst_affine=torch.tensor(dst, dtype=torch.float64), spatial_size=tuple(shape))
         y = torch.as_tensor(res.as_tensor() if hasattr(res, "as_tensor") else res).float()
     else:  # 2D images: only a centred pad/crop happened; invert it with the forward index map
         pre = Preprocess.from_dict(ctx["pre"])

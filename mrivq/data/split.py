@@ -82,6 +82,10 @@ def load_split(cfg: dict, data_dir: Path, progress: Progress | None = None,
     if levels:  # pad to the model's downsampling factor even when a --set changed the levels
         pre.divisible_by = math.lcm(int(pre.divisible_by), 2 ** levels)
     pre.validate()
+    if pre.register and pre.template == "auto":  # the run records the template it used
+        from mrivq.data.align import resolve_template
+
+        pre.template = resolve_template("auto", Path(data_dir) / "manifest.csv")
     tcfg = train_settings(cfg)
     rows = load_manifest(data_dir)
     rows = pool_rows(rows, pre.modalities) if pre.pool_modalities else select_rows(rows, pre.modalities)

@@ -103,14 +103,93 @@ class CheckGeometryd(MapTransform):
         return data
 
 
+class BiasFieldd(MapTransform):
+    """N4 bias-field correction of every channel (:func:`mrivq.data.align.n4_correct`), fitted at 4 mm."""
+
+    def __call__(self, data: dict) -> dict:
+        from mrivq.data.align import n4_correct
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            aff = np.asarray(img.affine, dtype=np.float64)
+            x = img.as_tensor().numpy()
+            y = np.stack([n4_correct(c, aff) for c in x]) if x.ndim == 4 else x
+            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(y)), meta=img.meta,
+                                applied_operations=list(img.applied_operations))
+        return d
+
+
+class AlignToTemplated(MapTransform):
+    """Register the scan (its first channel) with the template (:func:`mrivq.data.align.register`) and
+    resample every channel into the template's box at the preset's spacing (the crop is the template's
+    box: a head is never cut by an array centre). Sets ``d["registration"]`` (JSON-able, with its
+    quality check) and ``d["brain_mask"]`` (the template's brain on the grid)."""
+
+    def __init__(self, pre: Preprocess, keys: str = "image") -> None:
+        super().__init__(keys)
+        self.pre = pre
+
+    def __call__(self, data: dict) -> dict:
+        from mrivq.data import align
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            aff = np.asarray(img.affine, dtype=np.float64)
+            x = img.as_tensor().numpy()
+            name = align.resolve_template(self.pre.template, d.get("source_name"))
+            tpl = align.load_template(name)
+            reg = align.register(x[0], aff, tpl, method=str(self.pre.register),
+                                 resolution_mm=float(min(self.pre.spacing or [2.0])))
+            grid_aff, grid_shape = align.template_grid(tpl, self.pre.spacing, self.pre.shape, self.pre.divisible_by)
+            y = align.to_template(x, aff, reg, grid_aff, grid_shape, channels_first=True)
+            meta = {k: v for k, v in img.meta.items() if k != "affine"}
+            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(y)), affine=torch.as_tensor(grid_aff),
+                                meta=meta, applied_operations=list(img.applied_operations))
+            d["registration"] = reg.to_dict()
+            d["brain_mask"] = torch.from_numpy(align.grid_brain(name, tuple(np.round(grid_aff, 6).ravel()),
+                                                                tuple(grid_shape)))
+        return d
+
+
+class HeadMaskd(MapTransform):
+    """``d["head_mask"]``: the head in the (first channel of the) image (:func:`mrivq.data.align.head_mask`)."""
+
+    def __call__(self, data: dict) -> dict:
+        from mrivq.data.align import head_mask
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = torch.as_tensor(d[key])
+            d["head_mask"] = torch.from_numpy(head_mask(x[0].numpy()))
+        return d
+
+
+class SkullStripd(MapTransform):
+    """Keep the brain alone: voxels outside ``d["brain_mask"]`` set to 0 (after scaling)."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            mask = torch.as_tensor(d["brain_mask"]).to(img.dtype)
+            y = img * mask[None]
+            d[key] = y
+        return d
+
+
 class ScalePercentilesd(MapTransform, InvertibleTransform):
     """Per channel: [percentile lo, percentile hi] -> [0, 1] (optionally clipped). The lo/hi used
     are recorded in the applied operation (for the inverse) and in ``d["lo"]``/``d["hi"]``.
-    Data with a fixed range (8-bit images) is scaled by that range instead."""
+    Data with a fixed range (8-bit images) is scaled by that range instead. With ``mask_key``, the
+    percentiles are taken inside ``d[mask_key]`` (the head, not a field of view that is mostly air)."""
 
-    def __init__(self, keys: str = "image", lower: float = 0.5, upper: float = 99.5, clip: bool = True):
+    def __init__(self, keys: str = "image", lower: float = 0.5, upper: float = 99.5, clip: bool = True,
+                 mask_key: str | None = None):
         super().__init__(keys)
         self.lower, self.upper, self.clip = float(lower), float(upper), bool(clip)
+        self.mask_key = mask_key
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -123,8 +202,12 @@ class ScalePercentilesd(MapTransform, InvertibleTransform):
                 hi = [float(fixed[1])] * x.shape[0]
             else:
                 lo, hi = [], []
+                mask = d.get(self.mask_key) if self.mask_key else None
+                m = torch.as_tensor(mask).bool().numpy() if mask is not None else None
                 for c in range(x.shape[0]):
-                    a, b = np.percentile(x[c].numpy().ravel(), [self.lower, self.upper])
+                    v = x[c].numpy()
+                    v = v[m] if m is not None and m.any() else v.ravel()
+                    a, b = np.percentile(v, [self.lower, self.upper])
                     lo.append(float(a))
                     hi.append(float(b) if b > a else float(a) + 1.0)  # constant image: shift only
             shape = (-1,) + (1,) * (x.ndim - 1)
@@ -208,11 +291,20 @@ def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, ba
     if volumetric:
         ts.append(CheckGeometryd(pre))
         ts.append(Orientationd("image", axcodes=pre.orientation.upper(), labels=_RAS_LABELS))
+        if pre.n4:
+            ts.append(BiasFieldd("image"))
         pixdim = _volumetric_pixdim(pre)
-        if pixdim is not None:
+        if pre.register:
+            ts.append(AlignToTemplated(pre))
+        elif pixdim is not None:
             ts.append(Spacingd("image", pixdim=pixdim, mode="bilinear", padding_mode="border",
                                     dtype=torch.float32))
-    ts.append(ScalePercentilesd("image", *pre.percentiles, clip=pre.clip))
+    in_head = volumetric and pre.head_percentiles
+    if in_head:
+        ts.append(HeadMaskd("image"))
+    ts.append(ScalePercentilesd("image", *pre.percentiles, clip=pre.clip, mask_key="head_mask" if in_head else None))
+    if volumetric and pre.skull_strip:
+        ts.append(SkullStripd("image"))
     volumetric_2d = volumetric and pre.dims == 2
     how, arg = _pad_crop(pre, 3 if volumetric else 2, volumetric_2d)
     if how == "shape":
@@ -223,7 +315,7 @@ def build_transforms(pre: Preprocess, *, volumetric: bool, for_dataset: bool, ba
         ts.append(EnsureTyped("image", data_type="tensor", dtype=dtype, track_meta=False))  # the cache's dtype
         if volumetric_2d:
             ts.append(CentralSlicesd("image", axis=pre.slice_axis, n=pre.slices_per_volume))
-        ts.append(SelectItemsd(["image", "lo", "hi", "subject", "label"], allow_missing_keys=True))
+        ts.append(SelectItemsd(["image", "lo", "hi", "subject", "label", "registration"], allow_missing_keys=True))
     return Compose(ts)
 
 

@@ -523,11 +523,14 @@ def _synthesise(mod: str, seed: int, index: int, spacing: float, labels, fat, ma
 
 
 def generate_subject(index: int, *, seed: int = 0, shape=(64, 64, 64), spacing: float = 3.0,
-                     modalities=("t1", "t2", "pd"), cohort: int = 0) -> dict:
+                     modalities=("t1", "t2", "pd"), cohort: int = 0, pose: np.ndarray | None = None,
+                     centre: Sequence[float] | None = None) -> dict:
     """One phantom subject: ``{"labels": uint8, <mod>: float32 ..., "affine": 4x4 float64}``.
 
     Arrays are indexed (x, y, z) = (R, A, S); the affine has ``spacing`` on the diagonal and puts the
-    volume's centre at 0 mm. The subject's sex and age come from :func:`subject_covariates`. ``cohort``
+    volume's centre at 0 mm (or at ``centre``, a field of view placed elsewhere on the body). ``pose``
+    (4x4, rigid) moves the head in the world: a point of the aligned head at ``p`` lies at
+    ``pose @ p``. The subject's sex and age come from :func:`subject_covariates`. ``cohort``
     picks an independent stream of subjects (0: the healthy phantom; :data:`LESION_COHORT`: lesion
     phantoms), so two cohorts never share a subject whatever their seeds.
     """
@@ -536,14 +539,113 @@ def generate_subject(index: int, *, seed: int = 0, shape=(64, 64, 64), spacing: 
     shape = _check_shape(shape)
     spacing = _check_spacing(spacing)
     mods = _check_modalities(modalities)
-    anat = _draw_anatomy(seed, index, cohort)
+    anat = _posed(_draw_anatomy(seed, index, cohort), pose, centre)
     labels, fat, marrow, deep_gm = _labels(anat, shape, spacing)
     out: dict[str, Any] = {"labels": labels}
     texture = _texture(anat, shape, spacing)
     for mod in mods:
         out[mod] = _synthesise(mod, seed, index, spacing, labels, fat, marrow, deep_gm, texture, cohort)
     out["affine"] = _affine(shape, spacing)
+    if centre is not None:
+        out["affine"][:3, 3] += np.asarray(centre, dtype=np.float64)
     return out
+
+
+#: the fields of view of three sites (extent in mm, centre in mm): a tall one with the neck, a wide one,
+#: one placed higher; every pose of :func:`draw_pose` keeps the brain inside each of them
+SITES = {
+    "site-a": {"extent": (240.0, 240.0, 240.0), "centre": (0.0, 0.0, 0.0)},
+    "site-b": {"extent": (250.0, 260.0, 300.0), "centre": (0.0, -10.0, -40.0)},
+    "site-c": {"extent": (236.0, 256.0, 232.0), "centre": (6.0, 6.0, 8.0)},
+}
+#: the varied phantom's largest head rotation (degrees, about any axis) and displacement (mm)
+MAX_ROTATION_DEG = 15.0
+MAX_SHIFT_MM = 25.0
+
+
+def draw_pose(seed: int, index: int, cohort: int = 0, *, max_deg: float = MAX_ROTATION_DEG,
+              max_mm: float = MAX_SHIFT_MM) -> np.ndarray:
+    """A rigid head pose (4x4): a rotation by up to ``max_deg`` about a random axis through the brain's
+    centre, then a shift of up to ``max_mm``; its own random stream, so the anatomy stays the aligned
+    subject's."""
+    rng = np.random.default_rng(_entropy(seed, index, cohort, 11))
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(float(rng.uniform(-max_deg, max_deg)))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * (k @ k)  # Rodrigues
+    shift = rng.normal(size=3)
+    shift *= float(rng.uniform(0.0, max_mm)) / np.linalg.norm(shift)
+    centre = np.asarray(_draw_anatomy(seed, index, cohort).centre)
+    pose = np.eye(4)
+    pose[:3, :3] = rot
+    pose[:3, 3] = centre - rot @ centre + shift
+    return pose
+
+
+def site_of(index: int) -> str:
+    """The varied phantom's site of subject ``index`` (the sites in turn)."""
+    return list(SITES)[index % len(SITES)]
+
+
+def site_geometry(site: str, spacing: float) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """(shape, centre) of a site's field of view at ``spacing`` mm."""
+    s = SITES[site]
+    shape = tuple(int(math.ceil(e / spacing)) for e in s["extent"])
+    return shape, tuple(s["centre"])  # type: ignore[return-value]
+
+
+def head_to_world(index: int, *, seed: int = 0, cohort: int = 0, pose: np.ndarray | None = None) -> np.ndarray:
+    """4x4: the nominal head frame (mm, origin at the brain's centre) -> world mm of the written scan;
+    the truth a registration of that scan is measured against."""
+    anat = _posed(_draw_anatomy(seed, index, cohort), pose, None)
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(anat.rotation) * np.asarray(anat.scale)[None, :]
+    m[:3, 3] = anat.centre
+    return m
+
+
+#: the phantom's template: a subject of a stream of its own (no dataset subject), drawn in its head frame
+TEMPLATE_COHORT = 2
+#: the part of the phantom counted as brain: cerebrum, cerebellum and brainstem above this head-frame
+#: height (mm); the cord below continues out of any field of view
+BRAIN_FLOOR_MM = -65.0
+
+
+def phantom_template(spacing: float = 2.0) -> dict:
+    """The phantom's template: one subject with the nominal pose, size and centre (its head frame is
+    the world: the brain's centre at 0 mm, unit scale), T1 and a brain mask (CSF, grey and white
+    matter and ventricles above :data:`BRAIN_FLOOR_MM`, holes filled). Registering a phantom scan with
+    it recovers :func:`head_to_world` (the truth). ``{"t1", "brain", "labels", "affine"}``."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    spacing = _check_spacing(spacing)
+    anat = replace(_draw_anatomy(0, 0, TEMPLATE_COHORT), rotation=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+                   centre=(0.0, 0.0, 0.0), scale=(1.0, 1.0, 1.0))
+    shape = tuple(int(math.ceil(e / spacing)) for e in (200.0, 240.0, 220.0))
+    labels, fat, marrow, deep_gm = _labels(anat, shape, spacing)
+    t1 = _synthesise("t1", 0, 0, spacing, labels, fat, marrow, deep_gm, _texture(anat, shape, spacing),
+                     TEMPLATE_COHORT)
+    z = _grid(shape, spacing)[2][None, None, :]
+    brain = ndimage.binary_fill_holes(np.isin(labels, (3, 4, 5, 6)) & (z > BRAIN_FLOOR_MM))
+    return {"t1": t1, "brain": brain, "labels": labels, "affine": _affine(shape, spacing)}
+
+
+def _posed(anat: _Anatomy, pose: np.ndarray | None, centre: Sequence[float] | None) -> _Anatomy:
+    """The anatomy moved by ``pose`` and expressed about a field of view centred at ``centre`` (the
+    voxels are drawn in a frame centred on the volume; the affine then adds ``centre`` back)."""
+    if pose is None and centre is None:
+        return anat
+    from dataclasses import replace
+
+    p = np.eye(4) if pose is None else np.asarray(pose, dtype=np.float64)
+    rot = p[:3, :3] @ np.asarray(anat.rotation)
+    c = p[:3, :3] @ np.asarray(anat.centre) + p[:3, 3]
+    if centre is not None:
+        c = c - np.asarray(centre, dtype=np.float64)
+    return replace(anat, rotation=tuple(map(tuple, rot.tolist())), centre=tuple(c.tolist()))
 
 
 def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, is_label: bool) -> None:
@@ -567,7 +669,7 @@ def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, is_label: b
 
 def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing: float = 3.0,
                   seed: int = 0, modalities=("t1", "t2", "pd"), lesions: bool = False,
-                  progress: Progress | None = None, cohort: int | None = None) -> list[dict]:
+                  progress: Progress | None = None, cohort: int | None = None, varied: bool = False) -> list[dict]:
     """Write ``count`` phantom subjects under ``out_dir`` and return their manifest rows.
 
     Files: ``sub-XXXX/sub-XXXX_<mod>.nii.gz`` (float32) and ``sub-XXXX/sub-XXXX_labels.nii.gz``
@@ -585,6 +687,11 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
     what was inserted under the subject in ``phantom.json``. ``cohort`` (default: :data:`LESION_COHORT`
     with ``lesions``, else 0) picks the stream of subjects (:func:`generate_subject`); the lesion cohort
     without ``lesions`` gives the lesion subjects' healthy twins.
+
+    With ``varied``, every subject's head has its own pose (:func:`draw_pose`: up to 15 degrees and
+    25 mm) and each site of :data:`SITES` in turn gives its field of view (``shape`` is then the site's,
+    at ``spacing``; one of them shows the neck), as real scans arrive; ``phantom.json`` records per
+    subject its ``site``, ``pose`` and ``head_to_world`` (the truth for registration error).
     """
     out_dir = Path(out_dir)
     count = _check_int("count", count, 1)
@@ -593,14 +700,26 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
     spacing = _check_spacing(spacing)
     mods = _check_modalities(modalities)
     out_dir.mkdir(parents=True, exist_ok=True)
-    affine = _affine(shape, spacing)
     rows: list[dict] = []
     subjects: list[dict] = []
     bar = progress.task("phantom subjects", total=count, unit="subject") if progress is not None else nullcontext()
     cohort = (LESION_COHORT if lesions else 0) if cohort is None else _check_int("cohort", cohort, 0)
     with bar as task:
         for index in range(count):
-            sub = generate_subject(index, seed=seed, shape=shape, spacing=spacing, modalities=mods, cohort=cohort)
+            geo: dict[str, Any] = {}
+            if varied:
+                site = site_of(index)
+                sub_shape, fov_centre = site_geometry(site, spacing)
+                pose = draw_pose(seed, index, cohort)
+                sub = generate_subject(index, seed=seed, shape=sub_shape, spacing=spacing, modalities=mods,
+                                       cohort=cohort, pose=pose, centre=fov_centre)
+                geo = {"site": site, "pose": np.round(pose, 8).tolist(),
+                       "head_to_world": np.round(head_to_world(index, seed=seed, cohort=cohort, pose=pose),
+                                                 8).tolist()}
+            else:
+                sub = generate_subject(index, seed=seed, shape=shape, spacing=spacing, modalities=mods,
+                                       cohort=cohort)
+            affine = sub["affine"]
             cov = subject_covariates(index, seed=seed, cohort=cohort)
             sid = subject_id(index, cohort)
             (out_dir / sid).mkdir(exist_ok=True)
@@ -623,7 +742,7 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
                 rows.append({"subject": sid, "modality": mod, "path": rel, "sex": cov["sex"], "age": age,
                              "labels": label_rel, **extra})
             subjects.append({"subject": sid, "index": index, "sex": cov["sex"], "age": cov["age"],
-                             "labels": label_rel, **({"lesion": subjects_lesion} if lesions else {})})
+                             "labels": label_rel, **({"lesion": subjects_lesion} if lesions else {}), **geo})
             if task is not None:
                 task.advance(1)
     meta = {
@@ -636,6 +755,8 @@ def write_dataset(out_dir: Path, *, count: int = 16, shape=(64, 64, 64), spacing
         "cohort": cohort,
         "modalities": list(mods),
         "lesions": bool(lesions),
+        **({"varied": True, "max_rotation_deg": MAX_ROTATION_DEG, "max_shift_mm": MAX_SHIFT_MM,
+            "sites": SITES} if varied else {}),
         "labels": {str(k): v for k, v in LABELS.items()},
         "subjects": subjects,
     }

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mrivq.data.intensity import synth_geometry, to_intensity
+from mrivq.data.intensity import sample_space, synth_geometry, to_intensity
 from mrivq.runs.folder import DECODE_BATCH, codes_path, load_codes, write_json
 from mrivq.runs.run import load_run
 from mrivq.utils.device import resolve_device
@@ -162,7 +162,7 @@ def synthesize(run: Path | None, count: int, out_dir: Path, *, seed: int = 0, te
     prov = {"run": str(r.path.resolve()), "checkpoint_sha256": r.checkpoints, "seed": seed,
             "temperature": temperature, "top_k": top_k, "prior": prior,
             "sampler": _sampler_name(r, prior, cached),
-            "calibration": describe(r.calibration if calibrate else None)}
+            "calibration": describe(r.calibration if calibrate else None), **sample_space(r.preprocess)}
 
     def sidecar_of(i: int) -> dict:
         c = None if class_ids is None else int(class_ids[i])

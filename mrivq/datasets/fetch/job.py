@@ -25,7 +25,7 @@ from mrivq.utils.errors import ChecksumError, MrivqError
 from mrivq.utils.progress import Progress, silent
 
 BUILTIN_DEFAULTS: dict[str, Any] = {"count": 160, "shape": (64, 64, 64), "spacing": 3.0, "seed": 0,
-                                    "lesions": False}
+                                    "lesions": False, "varied": False}
 
 
 def fetch(card: Card, root: str | os.PathLike, *, modalities: list[str] | None = None,
@@ -171,8 +171,9 @@ class FetchJob(FetchState, Placer, Verifier, Downloader):
 
         kwargs: dict[str, Any] = dict(count=opts["count"], shape=tuple(opts["shape"]), spacing=opts["spacing"],
                                       seed=opts["seed"], modalities=list(modalities))
-        if opts.get("lesions"):
-            kwargs["lesions"] = True
+        for flag in ("lesions", "varied"):
+            if opts.get(flag):
+                kwargs[flag] = True
         if "progress" in inspect.signature(write_dataset).parameters:
             kwargs["progress"] = self.progress  # it shows its own bar
         with self._staging() as staging:
@@ -201,9 +202,9 @@ class FetchJob(FetchState, Placer, Verifier, Downloader):
         if count < 1 or spacing <= 0 or len(shape) != 3:
             raise MrivqError(f"bad options for '{self.card.name}': count must be >= 1, shape three sizes, "
                              f"spacing > 0 (got count={count}, shape={shape}, spacing={spacing})")
-        # "lesions" only when asked for: folders fetched before it existed keep matching their marker
+        # "lesions" and "varied" only when asked for: folders fetched before they existed keep matching
         return {"count": count, "shape": shape, "spacing": spacing, "seed": seed,
-                **({"lesions": True} if opts.get("lesions") else {})}
+                **{flag: True for flag in ("lesions", "varied") if opts.get(flag)}}
 
     # ------------------------------------------------------------------ sources
     def _card_file(self, name: str) -> CardFile:
