@@ -25,6 +25,8 @@ from mrivq.utils.errors import MrivqError
 
 TINY = [
     "--set", "data.spacing=[6.0,6.0,6.0]", "--set", "data.shape=[32,32,32]",
+    # the array path: alignment has its own tests (tests/data/test_align.py) and costs a second per subject
+    "--set", "data.register=null", "--set", "data.head_percentiles=false",
     "--set", "model.channels=[8,16]", "--set", "model.num_res_channels=[8,16]",
     "--set", "model.num_embeddings=32", "--set", "model.embedding_dim=4",
     "--set", "train.batch_size=2", "--set", "train.val_every=4", "--set", "train.ckpt_every=4",

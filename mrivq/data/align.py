@@ -284,7 +284,8 @@ def _stage(sitk, fixed, moving, fixed_mask, initial, shrink: list[int], sigmas: 
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     r.SetMetricSamplingStrategy(r.RANDOM)
-    r.SetMetricSamplingPercentage(0.25, seed)
+    # every voxel at the coarse levels (few, and a noisy metric there sends the start astray), a quarter at 2 mm
+    r.SetMetricSamplingPercentagePerLevel([min(1.0, 0.25 * f ** 3) for f in shrink], seed)
     r.SetMetricFixedMask(fixed_mask)
     r.SetInterpolator(sitk.sitkLinear)
     r.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
@@ -365,7 +366,7 @@ def register(image: np.ndarray, affine: np.ndarray, template: Template, *, metho
     rigid.SetCenter([float(v) for v in f_centre])
     rigid.SetTranslation([float(v) for v in (m_centre - f_centre)])
     rigid, metric = _stage(sitk, fixed, moving, fixed_mask, rigid, shrink, sigmas, 200, seed, threads)
-    final = rigid
+    best = _checked(_matrix_ras(rigid), x, affine, template, metric, 0.0, "rigid")
     if method == "affine":
         aff = sitk.AffineTransform(3)
         aff.SetCenter(rigid.GetCenter())
@@ -373,10 +374,16 @@ def register(image: np.ndarray, affine: np.ndarray, template: Template, *, metho
         aff.SetTranslation(rigid.GetTranslation())
         final, metric = _stage(sitk, fixed, moving, fixed_mask, aff, shrink[-2:] if len(shrink) > 1 else shrink,
                                sigmas[-2:] if len(sigmas) > 1 else sigmas, 150, seed, threads)
-    matrix = _matrix_ras(final)
+        cand = _checked(_matrix_ras(final), x, affine, template, metric, 0.0, "affine")
+        # the affine stage has 6 more degrees of freedom to go astray on a coarse or unusual scan: keep it
+        # only when it is within the checks and matches the template at least as well as the rigid one
+        if cand.passed or not best.passed:
+            if cand.similarity >= best.similarity - 0.01 and 1 / MAX_VOLUME_SCALE <= cand.volume_scale <= MAX_VOLUME_SCALE:
+                best = cand
     with _COUNT_LOCK:
         REGISTRATIONS["count"] += 1
-    return _checked(matrix, x, affine, template, metric, time.perf_counter() - t0, method)
+    best.seconds = round(time.perf_counter() - t0, 3)
+    return best
 
 
 def _checked(matrix: np.ndarray, x: np.ndarray, affine: np.ndarray, template: Template, metric: float,

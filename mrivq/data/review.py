@@ -124,6 +124,11 @@ def preprocess_inputs(inputs: list[Path], out_dir: Path, pre: Preprocess, *, lab
     for p in inputs + (labels or []):
         if not p.exists():
             raise MrivqError(f"{p} does not exist; check the path")
+    from mrivq.data.readers import is_image2d
+
+    for p in inputs:
+        if pre.dims == 3 and is_image2d(p):
+            raise MrivqError(f"{p} is a 2D image but the model is 3D; give a NIfTI volume or DICOM folder")
     for scan, lab in zip(inputs, labels or [], strict=False):  # before anything is written
         (ss, sa), (ls, la) = _geometry(scan), _geometry(lab)
         if ss[:3] != ls[:3] or not np.allclose(sa, la, atol=1e-3):
@@ -134,6 +139,11 @@ def preprocess_inputs(inputs: list[Path], out_dir: Path, pre: Preprocess, *, lab
     if dup:
         raise MrivqError(f"two inputs would both write {sorted(dup)[0]}.nii.gz; rename one or preprocess them "
                          "into separate folders")
+    if pre.register:  # a missing or unreadable template is refused before anything is written
+        from mrivq.data.align import load_template, resolve_template
+
+        for src in inputs:
+            load_template(resolve_template(pre.template, src))
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MrivqError(f"{out_dir} is a file; -o takes a folder")
