@@ -377,9 +377,9 @@ def register(image: np.ndarray, affine: np.ndarray, template: Template, *, metho
         cand = _checked(_matrix_ras(final), x, affine, template, metric, 0.0, "affine")
         # the affine stage has 6 more degrees of freedom to go astray on a coarse or unusual scan: keep it
         # only when it is within the checks and matches the template at least as well as the rigid one
-        if cand.passed or not best.passed:
-            if cand.similarity >= best.similarity - 0.01 and 1 / MAX_VOLUME_SCALE <= cand.volume_scale <= MAX_VOLUME_SCALE:
-                best = cand
+        sane = 1 / MAX_VOLUME_SCALE <= cand.volume_scale <= MAX_VOLUME_SCALE
+        if (cand.passed or not best.passed) and sane and cand.similarity >= best.similarity - 0.01:
+            best = cand
     with _COUNT_LOCK:
         REGISTRATIONS["count"] += 1
     best.seconds = round(time.perf_counter() - t0, 3)
