@@ -140,8 +140,9 @@ class AlignToTemplated(MapTransform):
             x = img.as_tensor().numpy()
             name = align.resolve_template(self.pre.template, d.get("source_name"))
             tpl = align.load_template(name)
-            reg = align.register(x[0], aff, tpl, method=str(self.pre.register),
-                                 resolution_mm=float(min(self.pre.spacing or [2.0])))
+            reg = align.cached_register(x[0], aff, tpl, method=str(self.pre.register),
+                                        resolution_mm=float(min(self.pre.spacing or [2.0])),
+                                        source=d.get("source_name"))
             grid_aff, grid_shape = align.template_grid(tpl, self.pre.spacing, self.pre.shape, self.pre.divisible_by)
             y = align.to_template(x, aff, reg, grid_aff, grid_shape, channels_first=True)
             meta = {k: v for k, v in img.meta.items() if k != "affine"}

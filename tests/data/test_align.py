@@ -157,6 +157,34 @@ def test_the_disk_cache_keeps_each_registration(tmp_path: Path) -> None:
     assert np.array_equal(again[0]["image"].numpy(), first.numpy())
 
 
+def test_a_datasets_registrations_are_kept_for_every_later_use(tmp_path: Path) -> None:
+    from mrivq.data.datasets import make_dataset
+
+    rows = []
+    for i in range(2):
+        sub = _varied(i, spacing=6.0)
+        (tmp_path / f"s{i}").mkdir()
+        _save(sub["t1"], sub["affine"], tmp_path / f"s{i}" / "t1.nii.gz")
+        rows.append({"subject": f"s{i}", "modality": "t1", "path": f"s{i}/t1.nii.gz"})
+    (tmp_path / "manifest.csv").write_text("subject,modality,path\n" + "".join(
+        f"{r['subject']},t1,{r['path']}\n" for r in rows))
+    pre = Preprocess(**PRE)
+    before = align.REGISTRATIONS["count"]
+    first = make_dataset(rows, tmp_path, pre, cache="memory")[1]["image"].clone()
+    assert align.REGISTRATIONS["count"] - before == 2
+    assert len(list((tmp_path / ".mrivq" / "registrations").glob("*.json"))) == 2
+    # another process (eval, --stage prior, preprocess) with the in-memory cache: nothing registered again
+    again = make_dataset(rows, tmp_path, pre, cache="none")[1]["image"]
+    x, _ = preprocess_file(tmp_path / "s1" / "t1.nii.gz", pre)
+    assert align.REGISTRATIONS["count"] - before == 2
+    assert np.array_equal(again.numpy(), first.numpy()) and np.array_equal(x.numpy(), first.numpy())
+    # a changed scan is registered again
+    img = nib.load(tmp_path / "s1" / "t1.nii.gz")
+    _save(np.asarray(img.dataobj) * 1.01, img.affine, tmp_path / "s1" / "t1.nii.gz")
+    preprocess_file(tmp_path / "s1" / "t1.nii.gz", pre)
+    assert align.REGISTRATIONS["count"] - before == 3
+
+
 def test_the_quality_check_stops_skips_or_keeps_a_failed_subject(tmp_path: Path) -> None:
     from mrivq.data.datasets import make_dataset
     from mrivq.utils.errors import MrivqError
