@@ -280,3 +280,42 @@ def test_a_registered_run_trains_synthesizes_in_template_space_and_maps_back(dat
     nll = tmp_path / "nll.nii.gz"
     assert invoke("score", str(scan), "-o", str(nll), "--run", str(run), "--device", "cpu").exit_code == 0
     assert nib.load(nll).shape[:3] == src.shape
+
+
+def test_training_stops_on_a_subject_that_fails_the_check(data_root: Path) -> None:
+    from mrivq.datasets.phantom import write_dataset
+
+    ddir = data_root / "mixed"
+    rows = write_dataset(ddir, count=5, shape=(32, 32, 32), spacing=6.0, modalities=("t1",))
+    noise = np.random.default_rng(2).random((32, 32, 32)).astype(np.float32)
+    _save(noise, np.diag([6.0, 6.0, 6.0, 1.0]), ddir / rows[0]["path"])  # sub-0000 is not a head any more
+    (ddir / "manifest.csv").write_text("subject,modality,path\n" + "".join(
+        f"{r['subject']},t1,{r['path']}\n" for r in rows))
+    args = ["train", "--dataset", "mixed", "--root", str(data_root), "--preset", "vqvae3d-cpu", "--device", "cpu",
+            "--max-steps", "2", "--prior-max-steps", "2", *TINY, "--set", "data.register=affine",
+            "--set", "data.template=phantom", "--set", "train.val_fraction=0.4"]
+    res = mrivq_main(*args, "--out", str(data_root / "r1"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "sub-0000" in err[0] and "data.qc=skip" in err[0], res.stderr
+    res = mrivq_main(*args, "--set", "data.qc=skip", "--out", str(data_root / "r2"))
+    assert res.returncode == 0, res.stderr
+    assert "left out (data.qc=skip)" in res.stderr
+
+
+def test_the_shipped_template_recovers_a_known_affine_of_itself() -> None:
+    """ICBM152 2009a moved by a known rotation, shift and scaling, resampled onto a 3 mm grid of its own
+    (as a scan would be): the registration with the shipped template undoes it within a voxel."""
+    from tests.helpers import rotation
+
+    tpl = align.load_template("icbm152")
+    truth = np.eye(4)  # template world -> scan world
+    truth[:3, :3] = rotation([0.3, 1.0, 0.2], np.deg2rad(12.0)) @ np.diag([1.05, 0.97, 1.02])
+    truth[:3, 3] = [8.0, -15.0, 12.0]
+    grid = np.diag([3.0, 3.0, 3.0, 1.0])
+    grid[:3, 3] = [-105.0, -140.0, -90.0]
+    scan = align.resample(tpl.t1, tpl.affine, np.linalg.solve(truth, grid), [72, 84, 72])  # scan(p) = t1(truth^-1 p)
+    assert scan.max() > 0.5
+    reg = align.register(scan * 900.0, grid, tpl, resolution_mm=3.0)
+    assert reg.passed, reg.why
+    assert _mean_error(reg.array, truth, tpl) < 3.0
