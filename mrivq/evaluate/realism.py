@@ -53,17 +53,54 @@ def _need(n: int, source: str, what: str) -> None:
                          f"{MIN_VOLUMES} on each side")
 
 
-def anatomy_reference(real: np.ndarray, seed: int = 0) -> dict:
+#: depth (mm) below the head's surface where the brain starts, when no template brain mask is given, and
+#: the depth inside the brain from which CSF counts as ventricular
+BRAIN_DEPTH_MM, VENTRICLE_DEPTH_MM = 14.0, 18.0
+
+
+def anatomy_reference(real: np.ndarray, seed: int = 0, brain: np.ndarray | None = None,
+                      voxel_mm: float = 1.0) -> dict:
     """What every compared set is measured against, computed once from the real scans: head masks and
     their threshold, the leave-one-out real mask Dice, the tissue mixture and real fractions, MS-SSIM
-    parameters and the real scans' own diversity."""
+    parameters and the real scans' own diversity; inside the brain (``brain``: the template's brain on
+    the grid, else the mean head mask less :data:`BRAIN_DEPTH_MM`) a 3-class mixture fitted on the real
+    scans, their mean tissue map, its per-class leave-one-out Dice, the ventricles' region and the real
+    ventricle volumes (``voxel_mm``: the grid's voxel size)."""
     thr = M.head_threshold(real[:, 0])
     masks = M.head_masks(real[:, 0], thr)
     gmm, order = M.tissue_model(real[:, 0], masks, seed=seed)
     params = M.ms_ssim_params(real.shape[2:])
+    roi = np.asarray(brain, bool) if brain is not None else M.brain_roi(masks, BRAIN_DEPTH_MM / voxel_mm)
+    bgmm, border = M.tissue_model(real[:, 0], np.broadcast_to(roi, masks.shape), seed=seed)
+    labels = M.tissue_labels(real[:, 0], roi, bgmm, border)
+    mean_map = M.mean_tissue_map(labels)
+    region = M.ventricle_region(mean_map, roi, VENTRICLE_DEPTH_MM / voxel_mm)
     return {"threshold": thr, "masks": masks, "mean_mask": M.mean_mask(masks), "dice": M.loo_mask_dice(masks),
             "gmm": gmm, "order": order, "tissue": M.tissue_fractions(real[:, 0], masks, gmm, order),
-            "ms_ssim": params, "ms_ssim_real": M.pairwise_ms_ssim(real, params, seed=seed)}
+            "ms_ssim": params, "ms_ssim_real": M.pairwise_ms_ssim(real, params, seed=seed),
+            "brain": roi, "brain_from": "template" if brain is not None else "eroded head mask",
+            "brain_gmm": bgmm, "brain_order": border, "tissue_map": mean_map,
+            "tissue_dice_real": M.loo_tissue_dice(labels), "ventricle_region": region,
+            "ventricles_real": M.ventricle_volumes(labels, region), "voxel_ml": voxel_mm ** 3 / 1000.0}
+
+
+def internal_anatomy(x: np.ndarray, ref: dict) -> dict:
+    """A set's tissue maps against the real mean map: median per-class Dice (CSF, grey, white matter),
+    the ventricles' volumes, and the share of volumes whose ventricles are present within the real range."""
+    labels = M.tissue_labels(x[:, 0], ref["brain"], ref["brain_gmm"], ref["brain_order"])
+    d = M.tissue_dice(labels, ref["tissue_map"])
+    vols = M.ventricle_volumes(labels, ref["ventricle_region"]) * ref["voxel_ml"]
+    real_vols = ref["ventricles_real"] * ref["voxel_ml"]
+    lo, hi = float(real_vols.min()), float(real_vols.max())
+    real_d = np.median(ref["tissue_dice_real"], axis=0)
+    return {
+        "tissue_dice": {c: float(v) for c, v in zip(M.TISSUE_CLASSES, np.median(d, axis=0), strict=True)},
+        "tissue_dice_real": {c: float(v) for c, v in zip(M.TISSUE_CLASSES, real_d, strict=True)},
+        "tissue_dice_gap": float(np.max(real_d - np.median(d, axis=0))),
+        "ventricles_ml": vols.tolist(), "ventricles_real_ml": [lo, hi],
+        "ventricles_present": float(((vols >= lo) & (vols <= hi) & (vols > 0)).mean()),
+        "brain_from": ref["brain_from"],
+    }
 
 
 def set_metrics(x: np.ndarray, real: np.ndarray, ref: dict, *, seed: int = 0, permutations: int = 100) -> dict:
@@ -95,6 +132,9 @@ def set_metrics(x: np.ndarray, real: np.ndarray, ref: dict, *, seed: int = 0, pe
         "synth_mean_z": (np.abs(ts.mean(0) - tr.mean(0)) / np.maximum(tr.std(0), 1e-6)).tolist(),
     }
     res["tissue_in_range"] = res["tissue"]["synth_in_real_range"]
+    res["anatomy"] = internal_anatomy(x, ref)
+    res["tissue_dice_gap"] = res["anatomy"]["tissue_dice_gap"]
+    res["ventricles_present"] = res["anatomy"]["ventricles_present"]
     res["tissue_z"] = max(res["tissue"]["synth_mean_z"])
     res["_anatomy"] = {"mask Dice with the real mean mask": (ref["dice"], dice),
                        **{f"{n} tissue fraction": (tr[:, i], ts[:, i]) for i, n in enumerate(res["tissue"]["classes"])}}
@@ -131,7 +171,8 @@ def checks(row: dict, ms_ssim_real: float, mask_dice_real: float, control: dict 
 
 def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, *,
                     features: Any = None, seed: int = 0, model_space: tuple[np.ndarray, np.ndarray] | None = None,
-                    controls: dict[str, np.ndarray] | None = None, permutations: int = 100) -> dict:
+                    controls: dict[str, np.ndarray] | None = None, permutations: int = 100,
+                    brain: np.ndarray | None = None, voxel_mm: float = 1.0) -> dict:
     """Every realism metric of ``synth`` against ``real`` (arrays ``[N, C, *spatial]`` on one grid).
 
     ``train`` adds memorization; ``features`` (a :class:`mrivq.metrics.features.FeatureExtractor`)
@@ -142,8 +183,9 @@ def realism_metrics(synth: np.ndarray, real: np.ndarray, train: np.ndarray | Non
     same way as the samples, each with its own row under ``controls`` (see :func:`control_sets`); the
     ``real_as_samples`` one sets the tissue goal of :func:`checks`. Returns the JSON-able dict written
     to ``realism.json``, plus ``_nearest`` (index of each sample's nearest train-or-real volume) and
-    ``_anatomy`` (the histograms' values)."""
-    ref = anatomy_reference(real, seed)
+    ``_anatomy`` (the histograms' values). ``brain`` (the template's brain on the grid) and ``voxel_mm``
+    place the internal-anatomy measure (:func:`internal_anatomy`)."""
+    ref = anatomy_reference(real, seed, brain, voxel_mm)
     res: dict[str, Any] = {"n_synth": len(synth), "n_real": len(real), "grid": list(synth.shape[2:]),
                            "features": "4x block means (anatomy), random-convolution texture (texture)"}
     row = set_metrics(synth, real, ref, seed=seed, permutations=permutations)
@@ -302,8 +344,9 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
                     "controls skipped")
         else:
             ctrl = control_sets(r, C.x, len(S), cal, progress)
+    brain, voxel_mm = _brain_on_grid(r.preprocess, S.x.shape[2:])
     res = realism_metrics(S.x, R.x, T.x if T is not None else None, features=extractor, seed=seed, model_space=space,
-                          controls=ctrl, permutations=permutations)
+                          controls=ctrl, permutations=permutations, brain=brain, voxel_mm=voxel_mm)
     label, idx = res.pop("_nearest")
     anatomy = res.pop("_anatomy")
     ref = T if T is not None else R
@@ -318,6 +361,18 @@ def evaluate_realism(run: Path | None, samples: Path, real: str | None = None, t
     pic = realism_figure(out.with_suffix(".png"), S.x, ref.x[idx], label, anatomy,
                          f"{r.path.name}: {len(S)} samples vs {R.source}")
     return {"metrics": res, "json": str(out), "picture": str(pic)}
+
+
+def _brain_on_grid(pre: Any, shape: tuple) -> tuple[np.ndarray | None, float]:
+    """The template's brain mask on the run's grid (aligned runs), and the grid's voxel size (mm)."""
+    voxel_mm = float(np.prod(pre.spacing) ** (1 / 3)) if pre.spacing else 1.0
+    if not pre.register:
+        return None, voxel_mm
+    from mrivq.data.align import grid_brain, load_template, resolve_template, template_grid
+
+    name = resolve_template(pre.template)
+    aff, grid_shape = template_grid(load_template(name), pre.spacing, [int(v) for v in shape])
+    return grid_brain(name, tuple(np.round(aff, 6).ravel()), tuple(grid_shape)), voxel_mm
 
 
 def _own_train(r: Any, real: str, root: Path | None, progress: Any, splits: dict) -> Any:

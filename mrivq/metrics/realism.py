@@ -198,3 +198,68 @@ def tissue_fractions(x: np.ndarray, masks: np.ndarray, gmm, order: np.ndarray) -
             lab = rank[gmm.predict(v[m].astype(np.float64)[:, None])]
             out[i] = np.bincount(lab, minlength=k) / m.sum()
     return out
+
+
+#: the names of the three mixture classes inside the brain, dark to bright (T1: CSF < grey < white matter)
+TISSUE_CLASSES = ("csf", "gm", "wm")
+
+
+def brain_roi(masks: np.ndarray, depth_vox: float) -> np.ndarray:
+    """Where the brain is when no template mask is given: the real scans' mean head mask, eroded by
+    ``depth_vox`` voxels (scalp and skull) — coarse, so a template's brain mask is preferred."""
+    from scipy import ndimage
+
+    mean = mean_mask(masks)
+    dist = ndimage.distance_transform_edt(mean)
+    return dist > depth_vox
+
+
+def tissue_labels(x: np.ndarray, roi: np.ndarray, gmm, order: np.ndarray) -> np.ndarray:
+    """``[N, *spatial]`` int8: each voxel of ``roi`` labelled 0, 1, 2 by the mixture (dark to bright), -1
+    outside: a 3-class tissue map per volume, all on the one aligned grid."""
+    k = len(order)
+    rank = np.empty(k, int)
+    rank[order] = np.arange(k)
+    out = np.full((len(x), *roi.shape), -1, np.int8)
+    for i, v in enumerate(np.asarray(x)):
+        out[i][roi] = rank[gmm.predict(v[roi].astype(np.float64)[:, None])]
+    return out
+
+
+def mean_tissue_map(labels: np.ndarray, classes: int = 3) -> np.ndarray:
+    """The most frequent class at each voxel over ``labels`` (-1 where the voxel is outside the ROI)."""
+    counts = np.stack([(labels == c).sum(0) for c in range(classes)])
+    out = counts.argmax(0).astype(np.int8)
+    out[(labels < 0).all(0)] = -1
+    return out
+
+
+def tissue_dice(labels: np.ndarray, reference: np.ndarray, classes: int = 3) -> np.ndarray:
+    """``[N, classes]``: Dice of each volume's class masks with the reference map's."""
+    return np.array([[dice(lab == c, reference == c) for c in range(classes)] for lab in labels])
+
+
+def loo_tissue_dice(labels: np.ndarray, classes: int = 3) -> np.ndarray:
+    """Each real scan's per-class Dice with the mean map of the *other* real scans."""
+    counts = np.stack([(labels == c).sum(0) for c in range(classes)])  # [classes, *spatial]
+    out = []
+    for lab in labels:
+        own = np.stack([(lab == c) for c in range(classes)]).astype(counts.dtype)
+        ref = (counts - own).argmax(0)
+        ref[(labels < 0).all(0)] = -1
+        out.append([dice(lab == c, ref == c) for c in range(classes)])
+    return np.array(out)
+
+
+def ventricle_region(mean_map: np.ndarray, roi: np.ndarray, depth_vox: float) -> np.ndarray:
+    """The lateral ventricles' region: the real mean map's CSF (class 0) at least ``depth_vox`` voxels
+    inside the brain (deep CSF, away from the sulci and the brain's surface), grown by one voxel."""
+    from scipy import ndimage
+
+    deep = ndimage.distance_transform_edt(roi) >= depth_vox
+    return ndimage.binary_dilation((mean_map == 0) & deep)
+
+
+def ventricle_volumes(labels: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Voxels of CSF (class 0) inside the ventricles' region, per volume."""
+    return np.array([int(((lab == 0) & region).sum()) for lab in labels])
