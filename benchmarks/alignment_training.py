@@ -29,7 +29,8 @@ ARMS = {
                                      "extra": NO_ALIGN},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
-           "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization")
+           "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",
+           "ventricles_present", "anatomy")
 ANOMALY = ("auprc", "auroc", "best_dice", "dice")
 
 

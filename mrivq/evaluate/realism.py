@@ -56,6 +56,7 @@ def _need(n: int, source: str, what: str) -> None:
 #: depth (mm) below the head's surface where the brain starts, when no template brain mask is given, and
 #: the depth inside the brain from which CSF counts as ventricular
 BRAIN_DEPTH_MM, VENTRICLE_DEPTH_MM = 14.0, 18.0
+MIN_BRAIN_VOXELS = 64
 
 
 def anatomy_reference(real: np.ndarray, seed: int = 0, brain: np.ndarray | None = None,
@@ -70,15 +71,17 @@ def anatomy_reference(real: np.ndarray, seed: int = 0, brain: np.ndarray | None 
     masks = M.head_masks(real[:, 0], thr)
     gmm, order = M.tissue_model(real[:, 0], masks, seed=seed)
     params = M.ms_ssim_params(real.shape[2:])
+    ref = {"threshold": thr, "masks": masks, "mean_mask": M.mean_mask(masks), "dice": M.loo_mask_dice(masks),
+           "gmm": gmm, "order": order, "tissue": M.tissue_fractions(real[:, 0], masks, gmm, order),
+           "ms_ssim": params, "ms_ssim_real": M.pairwise_ms_ssim(real, params, seed=seed), "brain": None}
     roi = np.asarray(brain, bool) if brain is not None else M.brain_roi(masks, BRAIN_DEPTH_MM / voxel_mm)
+    if roi.sum() < MIN_BRAIN_VOXELS:  # a grid too coarse or small for a brain inside the head: no measure
+        return ref
     bgmm, border = M.tissue_model(real[:, 0], np.broadcast_to(roi, masks.shape), seed=seed)
     labels = M.tissue_labels(real[:, 0], roi, bgmm, border)
     mean_map = M.mean_tissue_map(labels)
     region = M.ventricle_region(mean_map, roi, VENTRICLE_DEPTH_MM / voxel_mm)
-    return {"threshold": thr, "masks": masks, "mean_mask": M.mean_mask(masks), "dice": M.loo_mask_dice(masks),
-            "gmm": gmm, "order": order, "tissue": M.tissue_fractions(real[:, 0], masks, gmm, order),
-            "ms_ssim": params, "ms_ssim_real": M.pairwise_ms_ssim(real, params, seed=seed),
-            "brain": roi, "brain_from": "template" if brain is not None else "eroded head mask",
+    return {**ref, "brain": roi, "brain_from": "template" if brain is not None else "eroded head mask",
             "brain_gmm": bgmm, "brain_order": border, "tissue_map": mean_map,
             "tissue_dice_real": M.loo_tissue_dice(labels), "ventricle_region": region,
             "ventricles_real": M.ventricle_volumes(labels, region), "voxel_ml": voxel_mm ** 3 / 1000.0}
@@ -86,7 +89,11 @@ def anatomy_reference(real: np.ndarray, seed: int = 0, brain: np.ndarray | None 
 
 def internal_anatomy(x: np.ndarray, ref: dict) -> dict:
     """A set's tissue maps against the real mean map: median per-class Dice (CSF, grey, white matter),
-    the ventricles' volumes, and the share of volumes whose ventricles are present within the real range."""
+    the ventricles' volumes, and the share of volumes whose ventricles are present within the real range
+    (None throughout when the grid holds no brain region to measure)."""
+    if ref.get("brain") is None:
+        return {"tissue_dice": None, "tissue_dice_real": None, "tissue_dice_gap": None, "ventricles_ml": None,
+                "ventricles_real_ml": None, "ventricles_present": None, "brain_from": None}
     labels = M.tissue_labels(x[:, 0], ref["brain"], ref["brain_gmm"], ref["brain_order"])
     d = M.tissue_dice(labels, ref["tissue_map"])
     vols = M.ventricle_volumes(labels, ref["ventricle_region"]) * ref["voxel_ml"]
