@@ -128,7 +128,7 @@ _REALISM_ROWS = [
     ("head_shaped_fraction", "share with mask Dice >= 0.85", None, ""),
     ("tissue_in_range", "share with tissue fractions in real range", None, ""),
     ("tissue_z", "largest |mean tissue fraction - real| / real SD", None, ""),
-    ("tissue_dice_gap", "largest real-minus-set median Dice of CSF/GM/WM maps with the real mean map", None, ""),
+    ("tissue_dice_gap", "largest |real - set| median Dice of CSF/GM/WM maps with the real mean map", None, ""),
     ("ventricles_present", "share with ventricles in the real volume range", None, ""),
     ("fid", "FID", None, ""),
 ]
