@@ -185,6 +185,7 @@ def test_a_datasets_registrations_are_kept_for_every_later_use(tmp_path: Path) -
     assert align.REGISTRATIONS["count"] - before == 3
 
 
+@pytest.mark.slow
 def test_the_quality_check_stops_skips_or_keeps_a_failed_subject(tmp_path: Path) -> None:
     from mrivq.data.datasets import make_dataset
     from mrivq.utils.errors import MrivqError
@@ -282,6 +283,7 @@ def test_a_registered_run_trains_synthesizes_in_template_space_and_maps_back(dat
     assert nib.load(nll).shape[:3] == src.shape
 
 
+@pytest.mark.slow
 def test_training_stops_on_a_subject_that_fails_the_check(data_root: Path) -> None:
     from mrivq.datasets.phantom import write_dataset
 
@@ -303,6 +305,7 @@ def test_training_stops_on_a_subject_that_fails_the_check(data_root: Path) -> No
     assert "left out (data.qc=skip)" in res.stderr
 
 
+@pytest.mark.slow
 def test_the_shipped_template_recovers_a_known_affine_of_itself() -> None:
     """ICBM152 2009a moved by a known rotation, shift and scaling, resampled onto a 3 mm grid of its own
     (as a scan would be): the registration with the shipped template undoes it within a voxel."""

@@ -10,6 +10,8 @@ from scipy import ndimage
 from mrivq.datasets.phantom import generate_subject
 from mrivq.evaluate.realism import anatomy_reference, internal_anatomy
 
+pytestmark = pytest.mark.slow  # 18 phantoms at 4 mm and three mixtures: about 25 s
+
 
 def _set(start: int, n: int) -> np.ndarray:
     vols = [generate_subject(i, shape=(48, 56, 48), spacing=4.0, modalities=("t1",))["t1"]
