@@ -97,7 +97,7 @@ def _centred_grid(centre_world: np.ndarray) -> np.ndarray:
 
 
 def row_none(subs: list[dict]) -> tuple[list[np.ndarray], list[float]]:
-    """Today's array path: resample at 4 mm, crop/pad the array about its centre (the volume's centre)."""
+    """The array path (data.register: null): resample at 4 mm, crop/pad the array about the volume's centre."""
     maps, secs = [], []
     for s in subs:
         t = time.perf_counter()
@@ -226,7 +226,7 @@ def main() -> None:
         rows.append({**r, **(extra or {})})
         print(rows[-1], file=sys.stderr)
 
-    add("none: centre crop of the array (mrivq before alignment)", *row_none(subs))
+    add("none: centre crop of the array (data.register: null)", *row_none(subs))
     add("MONAI CropForeground, then centre crop/pad", *row_monai_crop_foreground(subs))
     add("TorchIO CropOrPad about the head mask", *row_torchio_crop_or_pad(subs))
     maps, secs, errs, sims = row_sitk(subs, tpl, a.threads, SPACING)
