@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import json
 import math
 import threading
 import time
@@ -53,7 +54,7 @@ class Template:
     affine: np.ndarray
     tissues: dict = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def brain_centre(self) -> np.ndarray:
         """Centre (mm) of the brain mask's bounding box: the centre of every template grid."""
         idx = np.argwhere(self.brain > 0.5)
@@ -143,8 +144,6 @@ def resolve_template(spec: str, source: str | Path | None = None) -> str:
             meta = folder / "phantom.json"
             if meta.is_file():
                 try:
-                    import json
-
                     if json.loads(meta.read_text(encoding="utf-8")).get("generator") == "mrivq.phantom":
                         return "phantom"
                 except (OSError, ValueError):
@@ -152,9 +151,14 @@ def resolve_template(spec: str, source: str | Path | None = None) -> str:
     return DEFAULT_TEMPLATE
 
 
+def grid_brain(template: str, grid_affine: np.ndarray, grid_shape: list[int] | tuple) -> np.ndarray:
+    """The template's brain mask (bool) on a grid of template space (computed once per grid)."""
+    return _grid_brain(template, tuple(np.round(np.asarray(grid_affine, dtype=np.float64), 6).ravel()),
+                       tuple(int(s) for s in grid_shape))
+
+
 @functools.lru_cache(maxsize=8)
-def grid_brain(template: str, grid_affine: tuple, grid_shape: tuple) -> np.ndarray:
-    """The template's brain mask (bool) on a grid of it (``grid_affine`` flattened, for the cache)."""
+def _grid_brain(template: str, grid_affine: tuple, grid_shape: tuple) -> np.ndarray:
     tpl = load_template(template)
     aff = np.asarray(grid_affine, dtype=np.float64).reshape(4, 4)
     return resample(tpl.brain, tpl.affine, aff, list(grid_shape)) > 0.5
@@ -319,7 +323,7 @@ def _levels(resolution_mm: float, template: Template) -> tuple[list[int], list[f
     return shrink, [0.5 * f * tsp for f in shrink[:-1]] + [0.0]
 
 
-def _initial_translation(moving_img, moving_arr: np.ndarray, affine: np.ndarray, template: Template):
+def _initial_translation(moving_arr: np.ndarray, affine: np.ndarray, template: Template):
     """Where the brain is likely to be: the centroid of the head mask's top 150 mm slab (the neck and
     shoulders, when in view, would drag a whole-head centre of mass down), in LPS mm."""
     mask = head_mask(moving_arr)
@@ -363,7 +367,7 @@ def register(image: np.ndarray, affine: np.ndarray, template: Template, *, metho
     hi = float(np.percentile(x, 99.5)) or 1.0
     moving = _to_sitk(np.clip(x / hi, 0, 1.5), affine)
     shrink, sigmas = _levels(resolution_mm, template)
-    m_centre, f_centre = _initial_translation(moving, x, affine, template)
+    m_centre, f_centre = _initial_translation(x, affine, template)
     rigid = sitk.Euler3DTransform()
     rigid.SetCenter([float(v) for v in f_centre])
     rigid.SetTranslation([float(v) for v in (m_centre - f_centre)])
@@ -409,7 +413,6 @@ def cached_register(image: np.ndarray, affine: np.ndarray, template: Template, *
     modification time, the template, the method and the resolution): a dataset's scans are registered
     once, and training, ``eval``, ``--stage prior`` and ``mrivq preprocess --dataset`` reuse them."""
     import hashlib
-    import json
 
     folder = registration_cache(source)
     path = None

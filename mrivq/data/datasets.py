@@ -76,8 +76,6 @@ class VolumeDataset(_Items):
             raise IndexError(i)
         j, s = divmod(i, self.slices)
         d = run_transforms(self.base.__getitem__, self.keep[j])
-        if self.pre.register and self.pre.qc == "stop" and not d.get("registration", {}).get("passed", True):
-            raise MrivqError(qc_message([(d["subject"], d["registration"].get("why", ""))]))
         img = d["image"]
         if self.pre.dims == 2 and img.ndim == 4:  # [n, C, H, W] slices of a volume
             img = img[s]
@@ -261,6 +259,16 @@ def make_dataset(rows: list[dict], dataset_dir: Path, pre: Preprocess, *, cache:
             regs = [r for _, _, r in got]
     else:
         base = Dataset(data, transform)
+        if pre.register:  # no cache to fill, but every registration is checked (and kept) before use
+            with _progress_task(progress, desc, len(data)) as task:
+                def check(i: int):
+                    r = run_transforms(base.__getitem__, i).get("registration")
+                    with _ADV_LOCK:
+                        task.advance()
+                    return r
+
+                with ThreadPool(max(1, num_workers)) as pool:
+                    regs = list(pool.imap(check, range(len(data))))
     if lohi:
         for d, lh in zip(data, lohi, strict=True):
             LOHI_MEMO[memo_key(d)] = ([float(v) for v in lh[0]], [float(v) for v in lh[1]])

@@ -57,7 +57,7 @@ def qc_montage(volume: np.ndarray, brain: np.ndarray | None, path: Path) -> None
 
 
 def _one(src: Path, label: Path | None, pre: Preprocess, out_dir: Path) -> dict:
-    from mrivq.data.align import Registration, grid_brain, load_template, resolve_template, template_grid
+    from mrivq.data.align import Registration, grid_brain, resolve_template
     from mrivq.data.readers import load_source
     from mrivq.io.images import save_nifti
 
@@ -67,17 +67,12 @@ def _one(src: Path, label: Path | None, pre: Preprocess, out_dir: Path) -> dict:
     vol = x.numpy()
     reg = ctx.get("registration")
     brain = None
-    if reg is not None:
-        tpl_name = resolve_template(pre.template, src)
-        g_aff, g_shape = template_grid(load_template(tpl_name), pre.spacing, list(vol.shape[1:]))
-        brain = grid_brain(tpl_name, tuple(np.round(g_aff, 6).ravel()), tuple(g_shape))
+    if reg is not None:  # the preprocessed grid is the template's grid
+        brain = grid_brain(resolve_template(pre.template, src), affine, list(vol.shape[1:]))
     out_label = None
-    if label is not None:
+    if label is not None:  # its geometry was checked against the scan's before anything was written
         lab, lab_aff, _, _ = load_source({"path": str(label)}, None)
         lab = lab[0]
-        if list(lab.shape) != list(ctx["shape"]) or not np.allclose(lab_aff, ctx["affine"], atol=1e-3):
-            raise MrivqError(f"label map {label} is {list(lab.shape)} voxels but its scan {src} is "
-                             f"{list(ctx['shape'])} (or their affines differ); give the label map of that scan")
         if reg is not None:
             from mrivq.data.align import to_template
 

@@ -103,6 +103,14 @@ class CheckGeometryd(MapTransform):
         return data
 
 
+def _with_array(img: MetaTensor, y: np.ndarray, affine: np.ndarray | None = None) -> MetaTensor:
+    """``img``'s metadata and applied operations around a new array (and, if given, a new affine)."""
+    meta = img.meta if affine is None else {k: v for k, v in img.meta.items() if k != "affine"}
+    extra = {} if affine is None else {"affine": torch.as_tensor(affine)}
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(y)), meta=meta,
+                      applied_operations=list(img.applied_operations), **extra)
+
+
 class BiasFieldd(MapTransform):
     """N4 bias-field correction of every channel (:func:`mrivq.data.align.n4_correct`), fitted at 4 mm."""
 
@@ -114,14 +122,12 @@ class BiasFieldd(MapTransform):
             img = d[key]
             aff = np.asarray(img.affine, dtype=np.float64)
             x = img.as_tensor().numpy()
-            y = np.stack([n4_correct(c, aff) for c in x]) if x.ndim == 4 else x
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(y)), meta=img.meta,
-                                applied_operations=list(img.applied_operations))
+            d[key] = _with_array(img, np.stack([n4_correct(c, aff) for c in x]) if x.ndim == 4 else x)
         return d
 
 
 class AlignToTemplated(MapTransform):
-    """Register the scan (its first channel) with the template (:func:`mrivq.data.align.register`) and
+    """Register the scan (its first channel) with the template (:func:`mrivq.data.align.cached_register`) and
     resample every channel into the template's box at the preset's spacing (the crop is the template's
     box: a head is never cut by an array centre). Sets ``d["registration"]`` (JSON-able, with its
     quality check) and ``d["brain_mask"]`` (the template's brain on the grid)."""
@@ -145,12 +151,9 @@ class AlignToTemplated(MapTransform):
                                         source=d.get("source_name"))
             grid_aff, grid_shape = align.template_grid(tpl, self.pre.spacing, self.pre.shape, self.pre.divisible_by)
             y = align.to_template(x, aff, reg, grid_aff, grid_shape, channels_first=True)
-            meta = {k: v for k, v in img.meta.items() if k != "affine"}
-            d[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(y)), affine=torch.as_tensor(grid_aff),
-                                meta=meta, applied_operations=list(img.applied_operations))
+            d[key] = _with_array(img, y, grid_aff)
             d["registration"] = reg.to_dict()
-            d["brain_mask"] = torch.from_numpy(align.grid_brain(name, tuple(np.round(grid_aff, 6).ravel()),
-                                                                tuple(grid_shape)))
+            d["brain_mask"] = torch.from_numpy(align.grid_brain(name, grid_aff, grid_shape))
         return d
 
 

@@ -376,11 +376,10 @@ def _brain_on_grid(pre: Any, shape: tuple) -> tuple[np.ndarray | None, float]:
     voxel_mm = float(np.prod(pre.spacing) ** (1 / 3)) if pre.spacing else 1.0
     if not pre.register:
         return None, voxel_mm
-    from mrivq.data.align import grid_brain, load_template, resolve_template, template_grid
+    from mrivq.data.align import grid_brain, resolve_template
+    from mrivq.data.intensity import synth_geometry
 
-    name = resolve_template(pre.template)
-    aff, grid_shape = template_grid(load_template(name), pre.spacing, [int(v) for v in shape])
-    return grid_brain(name, tuple(np.round(aff, 6).ravel()), tuple(grid_shape)), voxel_mm
+    return grid_brain(resolve_template(pre.template), synth_geometry(pre, shape), list(shape)), voxel_mm
 
 
 def _own_train(r: Any, real: str, root: Path | None, progress: Any, splits: dict) -> Any:

@@ -65,6 +65,8 @@ def test_the_varied_phantom_records_each_subjects_true_transform(data_root: Path
     meta = json.loads((ddir / "phantom.json").read_text())
     assert meta["varied"] and meta["max_rotation_deg"] == 15.0 and meta["max_shift_mm"] == 25.0
     sites = set()
+    nominal = ph.phantom_template(8.0)
+    tv = np.argwhere(nominal["labels"] == 6) @ nominal["affine"][:3, :3].T + nominal["affine"][:3, 3]
     for s in meta["subjects"]:
         img = nib.load(ddir / s["subject"] / f"{s['subject']}_t1.nii.gz")
         lab = np.asarray(nib.load(ddir / s["labels"]).dataobj)
@@ -76,8 +78,6 @@ def test_the_varied_phantom_records_each_subjects_true_transform(data_root: Path
         # the recorded truth puts the ventricles' centre where the label map has them
         vox = np.argwhere(lab == 6)
         seen = (vox @ img.affine[:3, :3].T + img.affine[:3, 3]).mean(0)
-        nominal = ph.phantom_template(8.0)
-        tv = np.argwhere(nominal["labels"] == 6) @ nominal["affine"][:3, :3].T + nominal["affine"][:3, 3]
         h2w = np.asarray(s["head_to_world"])
         assert np.linalg.norm(h2w[:3, :3] @ tv.mean(0) + h2w[:3, 3] - seen) < 8.0
         rot = np.asarray(s["pose"])[:3, :3]
