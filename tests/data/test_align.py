@@ -322,3 +322,15 @@ def test_the_shipped_template_recovers_a_known_affine_of_itself() -> None:
     reg = align.register(scan * 900.0, grid, tpl, resolution_mm=3.0)
     assert reg.passed, reg.why
     assert _mean_error(reg.array, truth, tpl) < 3.0
+
+
+def test_preprocess_refuses_to_replace_its_outputs_without_overwrite(tmp_path: Path) -> None:
+    scan = _tiny_scan(tmp_path)
+    out = tmp_path / "out"
+    args = ["preprocess", "--preset", "vqvae3d-cpu", "--set", "data.template=phantom", str(scan), "-o", str(out)]
+    assert mrivq_main(*args).returncode == 0
+    before = (out / "scan.nii.gz").stat().st_mtime_ns
+    res = mrivq_main(*args)
+    assert res.returncode == 2 and "already exists" in res.stderr and "--overwrite" in res.stderr
+    assert (out / "scan.nii.gz").stat().st_mtime_ns == before
+    assert mrivq_main(*args, "--overwrite").returncode == 0
