@@ -408,9 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     pages, images, _ = build(a.results, a.scripts)
     prefix = Path(os.path.relpath(a.out.resolve(), a.readme.resolve().parent)).as_posix() + "/"
-    readme = readme_text(a.readme, headline(a.results, a.scripts, prefix))
+    readme = readme_text(a.readme, "")
+    if readme is not None:
+        readme = readme_text(a.readme, headline(a.results, a.scripts, prefix))
     old = {p.relative_to(a.out).as_posix() for p in a.out.rglob("*") if p.is_file()} if a.out.is_dir() else set()
     if a.check:
+        if extra := sorted(old - set(pages) - set(images)):
+            print(f"report: {a.out / extra[0]} comes from no result file; run python benchmarks/report.py")
+            return 1
         for name, text in pages.items():
             if not (a.out / name).is_file() or (a.out / name).read_text() != text:
                 print(f"report: {a.out / name} is stale; run python benchmarks/report.py")
@@ -419,9 +424,6 @@ def main(argv: list[str] | None = None) -> int:
             if not (a.out / name).is_file() or (a.out / name).read_bytes() != src.read_bytes():
                 print(f"report: {a.out / name} is stale; run python benchmarks/report.py")
                 return 1
-        if extra := sorted(old - set(pages) - set(images)):
-            print(f"report: {a.out / extra[0]} comes from no result file; run python benchmarks/report.py")
-            return 1
         if readme is not None and a.readme.read_text() != readme:
             print(f"report: the results block of {a.readme} is stale; run python benchmarks/report.py")
             return 1
