@@ -1,5 +1,5 @@
 """The quick start's recipe on scans as they arrive: trained on aligned phantoms with alignment (the quick
-start as shipped), on varied phantoms (poses, three fields of view, neck) with alignment, and on varied
+start itself), on varied phantoms (poses, three fields of view, neck) with alignment, and on varied
 phantoms without it; each arm's realism (``mrivq eval --samples``) and anomaly figures (``mrivq eval
 --anomaly`` on lesion phantoms of its kind, maps measured in the scans' own geometry). Resumable: a
 finished step is not run again.

@@ -9,7 +9,7 @@ Rows: ``healed@T`` (the healed residual, Pinaya et al. 2022, for each code-proba
 and ``monai-nll`` (MONAI's ``VQVAE`` + ``DecoderOnlyTransformer`` trained for the run's stage
 budgets, the map of ``VQVAETransformerInferer.get_likelihood``, as negative log-likelihood). All are
 measured on the held-out half of the lesion subjects (``phantom-lesions:val``) with the Dice threshold
-chosen on the other half; the issue's targets: healed AUPRC at least twice the residual's, best Dice at
+chosen on the other half; the targets: healed AUPRC at least twice the residual's, best Dice at
 least 0.5 for lesions of 1 cm and more.
 """
 

@@ -29,7 +29,7 @@ or ``"skipped": ...``; one failing check never stops the others. The checks (run
 
 Without a visible CUDA GPU it prints ``{"cuda": false, "message": ...}`` with the machine's description
 and exits 0. ``--cpu-dry-run`` runs the same checks on the CPU with tiny sizes and steps (about 3 minutes
-on 2 cores), to check the script itself where there is no GPU::
+on 2 cores), to check the script itself on a machine without CUDA::
 
     python benchmarks/gpu_check.py --cpu-dry-run --work /tmp/gpucheck
 """
@@ -191,7 +191,7 @@ def sub_env() -> dict[str, str]:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """End the process group this script started for ``proc`` (its own session): TERM, then KILL."""
+    """End the process group this script started for ``proc``: TERM, then KILL."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -220,7 +220,7 @@ class Done:
 
 
 class Runner:
-    """Starts commands (argument lists, never shell strings) in their own session with stdout/stderr in
+    """Starts commands (argument lists, never shell strings) in a process group of their own with stdout/stderr in
     log files, each with a timeout capped by the time budget; on a timeout the whole group is ended (so
     torchrun's workers do not outlive it)."""
 

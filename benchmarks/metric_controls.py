@@ -6,7 +6,7 @@ copies of its training scans, each set written and read back as ``mrivq synth`` 
 Rows: ``none`` (the training scans themselves: every statistic's null), ``offset_padding`` (+0.002 in
 the grid's padding only, as a decoder writes there), ``offset`` (+0.002 everywhere), ``noise`` (2%
 Gaussian noise), ``blur`` (a 0.5-voxel Gaussian blur) and ``mean_volume`` (the mean training scan
-repeated: no diversity at all). Columns: the C2ST as it used to be computed (a logistic regression on
+repeated: no diversity at all). Columns: the pooled C2ST (a logistic regression on
 block means standardised over both sets pooled, plain accuracy's binomial p-value) beside the anatomy and
 texture C2STs and the multi-bandwidth MMD of :mod:`mrivq.metrics.twosample`, each with its permutation
 p-value, and diversity (pairwise MS-SSIM).

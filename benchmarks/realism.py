@@ -1,4 +1,4 @@
-"""How real are the samples, and what does the prior add? Every metric of ``mrivq eval --samples`` for
+"""Realism of samples, and what the prior adds: every metric of ``mrivq eval --samples`` for
 each prior and sampling setting of one run, plus MONAI's ``VQVAE`` + ``DecoderOnlyTransformer``
 (``VQVAETransformerInferer``) trained for the same wall-clock budget on the same data. Prints JSON.
 

@@ -1,5 +1,5 @@
 """Shared fixtures: a real HTTP file server on 127.0.0.1, a fresh data root, and the tiny phantom and the
-tiny run trained on it (built once per test session, copied into each module that uses them)."""
+tiny run trained on it (built once per pytest run, copied into each module that uses them)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def data_root(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def pristine_phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The tiny phantom (6 subjects, 32³ at 6 mm) and one tiny run trained on it, built once per test
-    session. Tests never use them directly: ``phantom_root`` and ``trained_run`` hand each test module
+    """The tiny phantom (6 subjects, 32³ at 6 mm) and one tiny run trained on it, built once per pytest
+    run. Tests never use them directly: ``phantom_root`` and ``trained_run`` hand each test module
     its own copy, so a module that changes its run or data changes nobody else's."""
 
     root = tmp_path_factory.mktemp("pristine-data")
@@ -47,7 +47,7 @@ def pristine_phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
 
 @pytest.fixture(scope="module")
 def phantom_root(pristine_phantom_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own copy of the session's tiny phantom (``mrivq fetch phantom --count 6 --shape 32 32 32
+    """This module's own copy of the shared tiny phantom (``mrivq fetch phantom --count 6 --shape 32 32 32
     --spacing 6``)."""
     import shutil
 
@@ -61,7 +61,7 @@ def phantom_root(pristine_phantom_run: tuple[Path, Path], tmp_path_factory: pyte
 @pytest.fixture(scope="module")
 def trained_run(phantom_root: Path, pristine_phantom_run: tuple[Path, Path],
                 tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This module's own copy of the session's tiny run (8 VQ-VAE and 6 prior steps on the phantom),
+    """This module's own copy of the shared tiny run (8 VQ-VAE and 6 prior steps on the phantom),
     pointing at this module's ``phantom_root``, as if it had been trained there."""
     import shutil
 

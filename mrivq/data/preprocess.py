@@ -28,7 +28,7 @@ class Preprocess:
     slice_axis: int = 2  # dims=2 on volumes: which axis to slice (after orientation)
     slices_per_volume: int = 1  # dims=2 on volumes: central slices per subject
     pool_modalities: bool = False  # each modality its own 1-channel image (not channels of one)
-    # Real scans in (3D): bias field, alignment with a template, masks; all off unless a preset turns them on
+    # Preprocessing of scans (3D): bias field, alignment with a template, masks; all off unless a preset turns them on
     n4: bool = False  # N4 bias-field correction at a reduced resolution, before alignment
     register: str | None = None  # null | rigid | affine: align with `template`, resample into its box
     template: str = "auto"  # auto (phantom data: phantom, else icbm152) | icbm152 | phantom | a T1 NIfTI path

@@ -1,5 +1,5 @@
 """Lesions with known masks, inserted into healthy volumes: the ground truth that unsupervised anomaly
-detection is measured against (issue "anomaly detection that is measured").
+detection is measured against.
 
 Three kinds, each with contrasts that follow the modality as on real scans:
 

@@ -31,7 +31,7 @@ from mrivq.utils.errors import MrivqError
 
 METHODS = ("healed", "residual", "nll", "normative")
 _MAP_KEY = {"healed": "anomaly", "residual": "recon_residual", "nll": "nll", "normative": "normative_residual"}
-#: lesion size bins by diameter (mm): the issue's "1 cm and more" is the last two
+#: lesion size bins by diameter (mm): the last two are "1 cm and more", the sizes the detection targets are set for
 SIZE_BINS = ((0, 5, "<5 mm"), (5, 10, "5-10 mm"), (10, 20, "10-20 mm"), (20, math.inf, ">=20 mm"))
 _BRAIN_TISSUES = ("csf", "grey_matter", "white_matter", "ventricles")
 SPLITS = ("val", "train", "all")

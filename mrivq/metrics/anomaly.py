@@ -1,8 +1,8 @@
-"""Voxel-wise metrics of an anomaly map against a ground-truth lesion mask (issue "anomaly detection
-that is measured"): AUROC, AUPRC (average precision), the best Dice over all thresholds and the Dice at
-a fixed threshold, per subject and pooled over subjects, as in Pinaya et al. 2022 (Medical Image
-Analysis 79, "Unsupervised brain imaging 3D anomaly detection and segmentation with transformers"),
-whose headline figures are the pooled AUPRC and the best achievable Dice.
+"""Voxel-wise metrics of an anomaly map against a ground-truth lesion mask: AUROC, AUPRC (average
+precision), the best Dice over all thresholds and the Dice at a fixed threshold, per subject and pooled
+over subjects, as in Pinaya et al. 2022 (Medical Image Analysis 79, "Unsupervised brain imaging 3D
+anomaly detection and segmentation with transformers"), whose headline figures are the pooled AUPRC and
+the best achievable Dice.
 
 Every function takes plain arrays (a map of scores, higher = more anomalous, and a boolean mask of the
 same shape), optionally restricted to a region (e.g. the brain), so the metrics can be tested on maps

@@ -218,7 +218,7 @@ def test_a_finished_run_is_not_rewritten_by_fewer_steps(trained_run: Path) -> No
 
 
 def test_train_never_writes_into_a_users_folder(phantom_root: Path, tmp_path: Path) -> None:
-    """`train --config DIR/config.yaml --out DIR` used to overwrite the user's file."""
+    """`train --config DIR/config.yaml --out DIR` leaves the user's file as it was."""
     (tmp_path / "config.yaml").write_text("base: vqvae3d-cpu\ntrain:\n  batch_size: 2\n")
     before = _snapshot(tmp_path)
     proc = _mrivq("train", "--dataset", "phantom", "--root", str(phantom_root), "--config",

@@ -79,7 +79,7 @@ def test_config_file_and_epochs(phantom_root: Path, tmp_path: Path) -> None:
     info = json.loads((run / "run.json").read_text())
     step = torch.load(run / "checkpoints" / "vqvae_last.pt", weights_only=True)["step"]
     assert step == 2 * info["n_train"]  # batch 1: one step per training subject per epoch
-    # both lengths at once: refused, not decided silently (epochs used to win)
+    # both lengths at once: refused, not decided silently (neither wins)
     res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
                  "--out", str(tmp_path / "both"), "--device", "cpu", "--epochs", "2", "--max-steps", "5", *TINY)
     assert res.exit_code == 2 and "--max-steps and --epochs" in res.output and "Traceback" not in res.output

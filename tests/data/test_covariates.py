@@ -134,7 +134,7 @@ def test_unconditional_run_rejects_covariates(phantom_root: Path, tmp_path: Path
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_covariate_is_refused(value: float) -> None:
-    """``--covariate age=nan`` used to condition on NaN and write NaN into the JSON sidecar."""
+    """``--covariate age=nan`` is refused: nothing is conditioned on NaN and no NaN reaches the JSON sidecar."""
     spec = {"columns": ["age"], "mean": [50.0], "std": [10.0], "missing": {"age": 0}}
     with pytest.raises(MrivqError, match="is not a finite number"):
         parse_covariates(spec, {"age": value}, "run")

@@ -360,7 +360,7 @@ def test_lesion_phantoms_are_never_training_subjects(trained_run: Path, lesion_r
                                                      tmp_path: Path) -> None:
     """Lesion phantoms are a cohort of their own (ids ``sub-les*``, anatomy from another stream, for any
     seed); `eval --anomaly` refuses subjects that are, by id or healthy anatomy, in the run's split (a
-    lesion dataset made as it used to be: the healthy phantom's seed and stream) unless --allow-overlap."""
+    lesion dataset made with the healthy phantom's seed and stream) unless --allow-overlap."""
     import shutil
 
     from mrivq.datasets.phantom import LESION_COHORT, generate_subject

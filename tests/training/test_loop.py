@@ -36,9 +36,9 @@ def _fit(run_dir: Path, total: int, *, device: str = "cpu", resume: bool = False
 
 
 def test_resume_loads_rng_states_on_the_cpu_whatever_the_device(tmp_path: Path) -> None:
-    """On CUDA the checkpoint used to be loaded with map_location=device, putting the RNG states on the
-    GPU, where torch.set_rng_state rejects them. The meta device stands in for the GPU here: today's
-    loop must load the checkpoint on the CPU and resume exactly."""
+    """The checkpoint is loaded on the CPU whatever the device: with map_location=device the RNG states
+    would land on the GPU, where torch.set_rng_state rejects them. The meta device stands in for the GPU
+    here: the loop must load the checkpoint on the CPU and resume exactly."""
     full = _fit(tmp_path / "full", 6)
     with pytest.raises(Crash):
         _fit(tmp_path / "cut", 6, crash_at=4)

@@ -159,7 +159,7 @@ def test_cli_errors_are_one_line(args: list[str], needle: str, tmp_path: Path, t
 
 @pytest.mark.parametrize("command", ["reconstruct", "encode", "score", "decode"])
 def test_outputs_never_destroy_an_input_or_a_non_file(command: str, tmp_path: Path, trained_run: Path) -> None:
-    """`reconstruct IN -o IN` used to replace the input; `-o DIR` or a FIFO were written over too."""
+    """`reconstruct IN -o IN` never replaces the input, and `-o DIR` or a FIFO are never written over."""
     vol = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
     src = tmp_path / "in.nii.gz"
     nib.save(nib.Nifti1Image(vol, np.diag([6.0, 6.0, 6.0, 1.0])), src)
@@ -370,7 +370,7 @@ def test_run_json_records_the_modalities_used(trained_run: Path) -> None:
 ], ids=["model", "lr", "preset", "modality", "dims", "dataset"])
 def test_existing_run_refuses_what_it_cannot_change(trained_run: Path, tmp_path: Path, args: list[str],
                                                     message: str) -> None:
-    """--set, --preset, --modality, --dims and --dataset used to be ignored silently on an existing run."""
+    """--set, --preset, --modality, --dims and --dataset on an existing run are refused, never ignored silently."""
     import shutil
 
     run = tmp_path / "copy"
