@@ -211,13 +211,21 @@ def machine_text(d: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- tables
 
-def label(i: int, rec: dict) -> str:
-    """A list item's row name: its first string (method, name, ...) or its first two values."""
+def labels(recs: list[dict]) -> list[str]:
+    """Row names of list items: their name (``name``, ``method``, ...) where they have one, else the fewest
+    leading single values that tell them apart (``latent 8, 8, 8, batch 4``)."""
     for k in ("name", "method", "label", "row", "arm"):
-        if isinstance(rec.get(k), str):
-            return rec[k]
-    items = [(k, v) for k, v in rec.items() if is_scalar(v)][:2]
-    return ", ".join(f"{k} {fmt(v)}" for k, v in items) or str(i)
+        if all(isinstance(r.get(k), str) for r in recs):
+            return [r[k] for r in recs]
+    keys: list[str] = []
+    for k in (k for k in recs[0] if all(k in r and is_scalar(r[k]) for r in recs)):
+        before = len({tuple(fmt(r[x]) for x in keys) for r in recs})
+        if len({tuple(fmt(r[x]) for x in [*keys, k]) for r in recs}) > before or not keys:
+            keys.append(k)
+        if len({tuple(fmt(r[x]) for x in keys) for r in recs}) == len(recs):
+            break
+    names = [", ".join(f"{k} {fmt(r[k])}" for k in keys) for r in recs]
+    return names if len(set(names)) == len(recs) and all(names) else [str(i) for i in range(len(recs))]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -228,7 +236,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def records_table(v: list | dict) -> list[str]:
     """Entries as rows and figures as columns; transposed (figures as rows) when there are many figures."""
-    named = list(v.items()) if isinstance(v, dict) else [(label(i, r), r) for i, r in enumerate(v)]
+    named = list(v.items()) if isinstance(v, dict) else list(zip(labels(v), v, strict=True))
     rows = [(str(name), flatten(r)) for name, r in named]
     if isinstance(v, list):  # the name column repeats a field; do not print it twice
         rows = [(n, {k: x for k, x in r.items() if not (isinstance(x, str) and x == n)}) for n, r in rows]
