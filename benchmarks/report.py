@@ -276,6 +276,9 @@ def render(d: dict, level: int) -> list[str]:
         if isinstance(v, dict) and (lines := meta_lines(v)):
             out += lines + [""]
         if is_records(v) and all(flat(r) for r in (v.values() if isinstance(v, dict) else v)):
+            if isinstance(v, dict):  # commands and notes of each entry, which its table column leaves out
+                out += [f"- {name}, {line[2:]}" for name, r in v.items() for line in meta_lines(r)]
+                out += [""] if out[-1] else []
             out += records_table(v) + [""]
         elif isinstance(v, dict):
             out += render(v, level + 1)

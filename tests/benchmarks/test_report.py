@@ -26,21 +26,21 @@ def _png(path: Path) -> None:
 @pytest.fixture()
 def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A results folder with a new kind of result, a picture and a file with no machine or date; a
-    scripts folder whose ``anatomy.py`` says what it measures."""
+    scripts folder whose ``cortex.py`` says what it measures."""
     results, scripts = tmp_path / "results", tmp_path / "scripts"
     results.mkdir()
     scripts.mkdir()
-    (scripts / "anatomy.py").write_text('"""Ventricles and cortex inside the samples.\n\nMore text."""\n')
-    (results / "anatomy_cpu_2cores.json").write_text(json.dumps({
+    (scripts / "cortex.py").write_text('"""Ventricles and cortex inside the samples.\n\nMore text."""\n')
+    (results / "cortex_cpu_2cores.json").write_text(json.dumps({
         "machine": "x86_64, 2 cores", "date": "2026-12-01", "note": "24 samples per arm",
         "arms": {"small": {"dice": {"csf": 0.81234, "gm": 0.7}, "ventricles_ml": list(range(30)), "ok": True},
                  "large": {"dice": {"csf": 0.9, "gm": 0.75}, "ventricles_ml": [1.5, 2.5], "ok": False}},
         "rows": [{"method": "affine", "error_mm": 0.49}, {"method": "none", "error_mm": 21.3, "extra": None}],
         "halves": {"val": {"command": "python b.py --split val", "rows": {"a": {"x": 1}, "b": {"x": 2}}}},
         "seconds": 12.0, "shape": [96, 112, 96],
-        "command": "python benchmarks/anatomy.py --count 24",
+        "command": "python benchmarks/cortex.py --count 24",
     }))
-    _png(results / "anatomy_montage.png")
+    _png(results / "cortex_montage.png")
     (results / "speed.json").write_text(json.dumps({"device": "cpu", "results": [{"batch": 1, "s": 0.25}]}))
     return results, scripts, tmp_path / "out"
 
@@ -50,21 +50,21 @@ def test_renders_a_new_result_file_with_its_machine_command_date_and_picture(fol
     readme = out.parent / "README.md"
     assert main(["--results", str(results), "--out", str(out), "--scripts", str(scripts),
                  "--readme", str(readme)]) == 0
-    page = (out / "anatomy.md").read_text()
+    page = (out / "cortex.md").read_text()
     assert "Ventricles and cortex inside the samples." in page
     assert "- machine: x86_64, 2 cores" in page and "- date: 2026-12-01" in page
-    assert "- command: `python benchmarks/anatomy.py --count 24`" in page
-    assert "- command: `python b.py --split val`" in page and "- note: 24 samples per arm" in page
+    assert "- command: `python benchmarks/cortex.py --count 24`" in page
+    assert "- val, command: `python b.py --split val`" in page and "- note: 24 samples per arm" in page
     assert "| small | 0.8123 | 0.7 | median 14.5 (30 values, 0 to 29) | yes |" in page  # dict of records
     assert "| affine | 0.49 |  |" in page and "| none | 21.3 | — |" in page  # list of records
     assert "| shape | 96, 112, 96 |" in page and "| seconds | 12 |" in page
-    assert "![anatomy_montage](img/anatomy_montage.png)" in page
-    assert (out / "img" / "anatomy_montage.png").read_bytes() == (results / "anatomy_montage.png").read_bytes()
+    assert "![cortex_montage](img/cortex_montage.png)" in page
+    assert (out / "img" / "cortex_montage.png").read_bytes() == (results / "cortex_montage.png").read_bytes()
     speed = (out / "speed.md").read_text()  # no machine, no date, no command, outside git: said, not invented
     assert "- machine: not recorded (result file: device cpu)" in speed
     assert "- date: not recorded" in speed and "- command: not recorded" in speed
     index = (out / "index.md").read_text()
-    assert "| [Anatomy](anatomy.md) | Ventricles and cortex inside the samples. | x86_64, 2 cores | 2026-12-01 |" \
+    assert "| [Cortex](cortex.md) | Ventricles and cortex inside the samples. | x86_64, 2 cores | 2026-12-01 |" \
         in index
     assert "[Speed](speed.md)" in index
 
@@ -77,11 +77,11 @@ def test_check_names_the_stale_page_and_the_unknown_one(folders, capsys) -> None
     main(args)
     capsys.readouterr()
     assert main([*args, "--check"]) == 0
-    data = json.loads((results / "anatomy_cpu_2cores.json").read_text())
+    data = json.loads((results / "cortex_cpu_2cores.json").read_text())
     data["seconds"] = 13.0  # the benchmark is re-run: its page must change with it
-    (results / "anatomy_cpu_2cores.json").write_text(json.dumps(data))
+    (results / "cortex_cpu_2cores.json").write_text(json.dumps(data))
     assert main([*args, "--check"]) == 1
-    assert capsys.readouterr().out.strip() == f"report: {out / 'anatomy.md'} is stale; run python benchmarks/report.py"
+    assert capsys.readouterr().out.strip() == f"report: {out / 'cortex.md'} is stale; run python benchmarks/report.py"
     main(args)
     assert main([*args, "--check"]) == 0
     (results / "speed.json").unlink()  # a page whose result file is gone
