@@ -247,8 +247,9 @@ def records_table(v: list | dict) -> list[str]:
     for _, r in rows:
         cols += [k for k in r if k not in cols]
     if len(cols) > WIDE and len(cols) > len(rows):
-        return table(["figure", *(n for n, _ in rows)], [[c, *(fmt(r.get(c, "")) for _, r in rows)] for c in cols])
-    return table(["", *cols], [[n, *(fmt(r.get(c, "")) for c in cols)] for n, r in rows])
+        return table(["figure", *(fmt(n) for n, _ in rows)], [[fmt(c), *(fmt(r.get(c, "")) for _, r in rows)]
+                                                                for c in cols])
+    return table(["", *map(fmt, cols)], [[fmt(n), *(fmt(r.get(c, "")) for c in cols)] for n, r in rows])
 
 
 def meta_lines(d: dict) -> list[str]:
@@ -268,7 +269,7 @@ def render(d: dict, level: int) -> list[str]:
     out: list[str] = []
     scalars = {k: v for k, v in d.items() if is_scalar(v) and k not in META and not k.startswith("command")}
     if scalars:
-        out += table(["", "value"], [[k, fmt(v)] for k, v in scalars.items()]) + [""]
+        out += table(["", "value"], [[fmt(k), fmt(v)] for k, v in scalars.items()]) + [""]
     for k, v in d.items():
         if is_scalar(v) or k in META:
             continue
