@@ -26,11 +26,15 @@ def quickstart_run(run: Path, root: Path) -> Path:
 
 
 def emit(out: dict, path: str | Path | None = None) -> None:
-    """Print ``out`` with ``machine`` and ``command`` added, as indented JSON; also write it to ``path``."""
+    """Print ``out`` with ``machine``, ``command`` and ``date`` added, as indented JSON; also write it to
+    ``path``."""
+    import datetime
+
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    out = {"machine": machine, **out, "command": "python " + " ".join(sys.argv)}
+    out = {"machine": machine, **out, "command": "python " + " ".join(sys.argv),
+           "date": datetime.date.today().isoformat()}
     text = json.dumps(out, indent=2)
     print(text)
     if path:

@@ -181,7 +181,7 @@ def _eval_realism(run: Path | None, samples: Path, real: str | None, train_set: 
     m = res["metrics"]
     ctrl = m.get("controls") or {}
     t = Table(title=f"realism: {m['n_synth']} samples vs {m['real']} ({m['n_real']})",
-              caption="goal: the samples' check (see `Measuring realism` in the README). Controls, measured "
+              caption="goal: the samples' check (see the docs' Measuring realism page). Controls, measured "
                       "the same way: real = real scans written and read as samples are; recon = their "
                       "reconstructions; mean = their mean volume repeated")
     t.add_column("metric", no_wrap=True)

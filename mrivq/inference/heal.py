@@ -50,14 +50,14 @@ class HealOptions:
     ``calibrate``: decoded volumes (healed and plain reconstructions) go through the run's intensity
     calibration (:mod:`mrivq.models.calibration`) before they are compared with the input; None (the
     default) when the run has one. Measured on 48 lesion subjects: calibrated and raw healing score alike
-    (``benchmarks/anomaly.py``, README), so one decoding path serves ``synth`` and healing;
+    (``benchmarks/anomaly.py``, docs/results/anomaly.md), so one decoding path serves ``synth`` and healing;
     ``normalize``: residuals (the healed one and the reconstruction baseline's) become per-voxel
     z-scores against the reconstruction residuals of healthy held-out scans (:func:`residual_reference`),
     clipped at 0: a VQ-VAE errs most where anatomy varies (tissue borders, the cortex), and a raw
     residual lights those places up in every scan, lesion or not. A normative map in the sense of
     Marquand et al. 2016 (*Understanding heterogeneity in clinical cohorts using normative models*).
     None (the default): when a reference is available (:func:`heal`: when ``residual_ref`` is given).
-    Measured on 48 lesion subjects, both halves: healed AUPRC and best Dice higher on both (README).
+    Measured on 48 lesion subjects, both halves: healed AUPRC and best Dice higher on both (docs/results/anomaly.md).
     The plain reconstruction residual stays the ``recon_residual`` baseline either way; the normalized
     one is ``normative_residual``."""
 

@@ -111,7 +111,7 @@ class VectorQuantizerEMA(nn.Module):
             2020). ``"data"`` puts more of the book in use on held-out phantom volumes (98-99% vs 96-98%),
             but it spends codes on dense, smooth regions. That doubles the code entropy (held-out
             perplexity ~250 vs ~140), and the quick start's prior then sampled far fewer head-like
-            volumes, so ``"error"`` is the default (README, "Measured").
+            volumes, so ``"error"`` is the default (docs: design decisions).
         decay_warmup: EMA decay ``min(decay, (1 + t) / (10 + t))`` at update ``t`` (TensorFlow's
             ``num_updates``), reaching ``decay`` = 0.99 after 890 updates. It helps a training loop without
             learning-rate warm-up; with ``mrivq train``'s warm-up it changed little. False (default):
