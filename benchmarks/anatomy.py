@@ -1,0 +1,116 @@
+"""What samples hold inside the brain at a fixed CPU budget: how the split of training time between the VQ-VAE and
+the prior decides what samples hold, on held-out real anatomy (the deformed ICBM152 cohort of
+``benchmarks/anatomy_cohort.py``: 52 subjects train, 12 held out, aligned to ICBM152 by the presets).
+
+Each arm trains both stages, synthesizes, and runs ``mrivq eval --samples`` against the 12 held-out scans
+(controls: the held-out scans read as samples are, and their reconstructions). Figures per arm: stage times,
+val PSNR, prior held-out nats per token, C2ST of samples and of reconstructions, tissue Dice gap,
+ventricles present, MS-SSIM, memorization, head-mask Dice, synth volumes per minute. Resumable: a finished
+step is not run again; an interrupted training resumes.
+
+    python benchmarks/anatomy.py --work bench/anatomy --out benchmarks/results/anatomy_cpu_2cores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.anatomy_cohort import write_cohort  # noqa: E402
+from benchmarks.common import emit  # noqa: E402
+
+HELD_OUT = 12 / 64  # val_fraction: 12 of the cohort's 64 subjects
+ARMS = {
+    "one hour (vqvae3d-cpu-hour)": {"preset": "vqvae3d-cpu-hour", "sets": []},
+    "quick start (vqvae3d-cpu)": {"preset": "vqvae3d-cpu", "sets": []},
+    # the quick start's ten minutes split the other way: most of it to the prior
+    "ten minutes, prior-heavy: stage 1 250 steps, prior 280 steps of 8": {"preset": "vqvae3d-cpu", "sets": [
+        "train.max_steps=250", "train.val_every=50", "train.ckpt_every=50", "prior.train.max_steps=280",
+        "prior.train.batch_size=8", "prior.train.val_every=70", "prior.train.ckpt_every=70"]},
+    # codes easier to model at the quick start's budget: a quarter of the codebook
+    "ten minutes, 128 codes": {"preset": "vqvae3d-cpu", "sets": [
+        "model.num_embeddings=128"]},
+}
+REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
+           "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",
+           "ventricles_present", "anatomy")
+CONTROL = ("c2st_accuracy", "c2st_texture_accuracy", "tissue_dice_gap", "ventricles_present", "ms_ssim_synth",
+           "mask_dice_synth")
+
+
+def mrivq(*args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
+    return time.perf_counter() - t
+
+
+def run_figures(run: Path) -> dict:
+    """Stage wall times (first to last logged row), the last val PSNR and the best prior held-out nats."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    out: dict = {}
+    for stage in ("vqvae", "prior"):
+        r = [x for x in rows if x.get("stage") == stage]
+        if r:
+            out[f"{stage}_steps"] = max(x.get("step", 0) for x in r)
+            out[f"{stage}_seconds"] = round(r[-1]["time"] - r[0]["time"], 1)
+    psnr = [x["val_psnr"] for x in rows if "val_psnr" in x]
+    nats = [x["val_nats_per_token"] for x in rows if "val_nats_per_token" in x]
+    out["val_psnr"] = round(psnr[-1], 2) if psnr else None
+    out["prior_val_nats_best"] = round(min(nats), 3) if nats else None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--count", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=24)
+    ap.add_argument("--arms", nargs="*", help="run only these arms (names as in ARMS)")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra train --set (smoke runs)")
+    a = ap.parse_args()
+    root = a.work / "data"
+    log = a.work / "times.json"
+    a.work.mkdir(parents=True, exist_ok=True)
+    times = json.loads(log.read_text()) if log.is_file() else {}
+
+    def step(key: str, *args: str) -> None:
+        if key not in times:
+            times[key] = round(mrivq(*args), 1)
+            log.write_text(json.dumps(times, indent=2))
+
+    if not (root / "icbm-cohort" / "manifest.csv").is_file():
+        card = write_cohort(a.work / "cohort", a.count)
+        mrivq("fetch", str(card), "--from", str(a.work / "cohort" / "scans"), "--root", str(root))
+    rows = {}
+    for i, (name, arm) in enumerate(ARMS.items()):
+        if a.arms and name not in a.arms:
+            continue
+        run = a.work / f"run{i}"
+        sets = [x for s in [f"train.val_fraction={HELD_OUT}", *arm["sets"], *a.sets] for x in ("--set", s)]
+        step(f"train {name}", "train", "--dataset", "icbm-cohort", "--root", str(root), "--preset", arm["preset"],
+             "--out", str(run), "--device", "cpu", *sets, *(["--resume"] if (run / "run.json").exists() else []))
+        samples = a.work / f"samples{i}"
+        step(f"synth {name}", "synth", "--run", str(run), "--count", str(a.samples), "--out", str(samples),
+             "--device", "cpu", "--overwrite")
+        real = a.work / f"realism{i}.json"
+        step(f"realism {name}", "eval", "--run", str(run), "--samples", str(samples), "--root", str(root),
+             "--json", str(real), "--overwrite", "--device", "cpu")
+        r = json.loads(real.read_text())
+        rows[name] = {"preset": arm["preset"], "sets": arm["sets"], "train_seconds": times[f"train {name}"],
+                      **run_figures(run),
+                      "synth_volumes_per_minute": round(60 * a.samples / times[f"synth {name}"], 1),
+                      "samples": {k: r.get(k) for k in REALISM},
+                      "controls": {c: {k: v.get(k) for k in CONTROL} for c, v in (r.get("controls") or {}).items()}}
+    emit({"cohort": "deformed ICBM152 2009a T1, benchmarks/anatomy_cohort.py", "subjects": a.count,
+          "held_out": round(a.count * HELD_OUT), "samples": a.samples, "arms": rows, "times": times}, a.out)
+
+
+if __name__ == "__main__":
+    main()
