@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -103,11 +105,17 @@ def main() -> None:
         step(f"realism {name}", "eval", "--run", str(run), "--samples", str(samples), "--root", str(root),
              "--json", str(real), "--overwrite", "--device", "cpu")
         r = json.loads(real.read_text())
+        picture = None
+        if a.out and real.with_suffix(".png").is_file():  # samples beside their nearest real scans, 3 planes
+            slug = re.sub(r"[^a-z0-9]+", "_", name.split("(")[0].split(":")[0].lower()).strip("_")
+            picture = a.out.parent / f"anatomy_{slug}.png"
+            shutil.copyfile(real.with_suffix(".png"), picture)
         rows[name] = {"preset": arm["preset"], "sets": arm["sets"], "train_seconds": times[f"train {name}"],
                       **run_figures(run),
                       "synth_volumes_per_minute": round(60 * a.samples / times[f"synth {name}"], 1),
                       "samples": {k: r.get(k) for k in REALISM},
-                      "controls": {c: {k: v.get(k) for k in CONTROL} for c, v in (r.get("controls") or {}).items()}}
+                      "controls": {c: {k: v.get(k) for k in CONTROL} for c, v in (r.get("controls") or {}).items()},
+                      "picture": picture.name if picture else None}
     emit({"cohort": "deformed ICBM152 2009a T1, benchmarks/anatomy_cohort.py", "subjects": a.count,
           "held_out": round(a.count * HELD_OUT), "samples": a.samples, "arms": rows, "times": times}, a.out)
 
