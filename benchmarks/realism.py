@@ -53,12 +53,12 @@ ROWS = {
 KEEP = ("c2st_accuracy", "c2st_p_value", "c2st_null_q95", "c2st_texture_accuracy", "c2st_texture_p_value",
         "c2st_texture_null_q95", "mmd", "mmd_floor", "mmd_p_value", "mmd_linear_monai", "mmd_linear_monai_floor",
         "ms_ssim_synth", "ms_ssim_real", "memorization", "memorization_min", "mask_dice_synth", "mask_dice_real",
-        "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "n_synth", "n_real", "n_train",
-        "checks")
+        "mask_dice_synth_min", "head_shaped_fraction", "tissue_in_range", "tissue_z", "tissue_dice_gap",
+        "ventricles_present", "anatomy", "n_synth", "n_real", "n_train", "checks")
 #: what the control rows (measured once, with the first row) keep
 CONTROL_KEEP = ("c2st_accuracy", "c2st_p_value", "c2st_texture_accuracy", "c2st_texture_p_value", "mmd", "mmd_floor",
                 "mmd_p_value", "ms_ssim_synth", "mask_dice_synth", "mask_dice_synth_min", "head_shaped_fraction",
-                "tissue_in_range", "tissue_z", "n", "checks")
+                "tissue_in_range", "tissue_z", "tissue_dice_gap", "ventricles_present", "n", "checks")
 
 
 def stage_seconds(run: Path) -> dict[str, float]:
