@@ -38,6 +38,8 @@ ARMS = {
     # codes easier to model at the quick start's budget: a quarter of the codebook
     "ten minutes, 128 codes": {"preset": "vqvae3d-cpu", "sets": [
         "model.num_embeddings=128"]},
+    # finite scalar quantization (Mentzer et al. 2023), its 2^8 setting: 240 codes of 3 channels
+    "ten minutes, FSQ 8x6x5": {"preset": "vqvae3d-cpu", "sets": ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"]},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
            "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",

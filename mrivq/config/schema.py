@@ -106,7 +106,7 @@ SCHEMA: dict[str, Any] = {
         "dead_code_threshold": number(0), "restart_every": NONNEG, "restart_window": POS,
         "restart_from": choice("error", "data"), "decay_warmup": BOOL, "usage_window": POS, "use_cosine": BOOL,
         "act": anything(), "dropout": number(0, 1, hi_open=True), "output_act": anything(), "ddp_sync": BOOL,
-        "checkpointing": BOOL,
+        "checkpointing": BOOL, "quantizer": choice("ema", "fsq"), "fsq_levels": optional(int_list()),
     },
     "train": {
         **_TRAIN_COMMON, "preview_every": optional(POS), "val_fraction": number(0, 1, lo_open=True, hi_open=True),

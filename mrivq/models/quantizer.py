@@ -193,7 +193,7 @@ class VectorQuantizerEMA(nn.Module):
 
     def stats(self) -> dict:
         """Perplexity, fraction of codes used and dead codes over the last ``usage_window`` train steps."""
-        ppl, usage = _perplexity_and_usage(self.usage_counts.sum(0))
+        ppl, usage = histogram_perplexity_and_usage(self.usage_counts.sum(0))
         return {"perplexity": ppl, "usage": usage, "dead_codes": int(self._dead().sum())}
 
     def _dead(self) -> torch.Tensor:
@@ -332,7 +332,7 @@ class VectorQuantizerEMA(nn.Module):
                 f"decay={self.decay}, init={self.init!r}, cosine={self.use_cosine}")
 
 
-def _perplexity_and_usage(counts: torch.Tensor) -> tuple[float, float]:
+def histogram_perplexity_and_usage(counts: torch.Tensor) -> tuple[float, float]:
     """exp(entropy) of the code histogram ``counts`` (0 when empty) and the fraction of codes used."""
     counts = counts.float()
     p = counts[counts > 0] / counts.sum().clamp(min=1)
@@ -342,4 +342,4 @@ def _perplexity_and_usage(counts: torch.Tensor) -> tuple[float, float]:
 
 def perplexity_and_usage(indices: torch.Tensor, num_embeddings: int) -> tuple[float, float]:
     """Perplexity and fraction of codes used of one batch of indices."""
-    return _perplexity_and_usage(torch.bincount(indices.flatten(), minlength=num_embeddings))
+    return histogram_perplexity_and_usage(torch.bincount(indices.flatten(), minlength=num_embeddings))

@@ -10,6 +10,7 @@ one-line error for inputs whose size the strided convolutions cannot invert.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from monai.networks.nets.vqvae import Decoder, Encoder
 from torch import nn
 
+from mrivq.models.fsq import FiniteScalarQuantizer
 from mrivq.models.quantizer import VectorQuantizerEMA, perplexity_and_usage
 from mrivq.utils.errors import MrivqError
 
@@ -50,6 +52,11 @@ class VQVAE(nn.Module):
         output_act: activation on the output (``None``: linear, the trainer clamps for metrics).
         checkpointing: activation checkpointing of the encoder's and decoder's blocks in training: less
             memory for more compute (the 1 mm preset needs it); the results are the same.
+        quantizer: ``"ema"`` (a learned codebook, :class:`VectorQuantizerEMA`) or ``"fsq"`` (finite scalar
+            quantization, :class:`~mrivq.models.fsq.FiniteScalarQuantizer`, Mentzer et al. 2023: each code
+            channel rounded to a few levels, no codebook to learn or collapse).
+        fsq_levels: levels per code channel with ``quantizer="fsq"``; they set ``num_embeddings`` (their
+            product) and ``embedding_dim`` (their number).
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class VQVAE(nn.Module):
         output_act: str | Sequence | None = None,
         ddp_sync: bool = True,
         checkpointing: bool = False,
+        quantizer: str = "ema",
+        fsq_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -92,6 +101,13 @@ class VQVAE(nn.Module):
             raise MrivqError(f"num_res_channels {list(num_res_channels)} needs one entry per level of "
                              f"channels {list(channels)}")
         out_channels = in_channels if out_channels is None else out_channels
+        if quantizer not in ("ema", "fsq"):
+            raise MrivqError(f"model.quantizer {quantizer!r} is not one of ema, fsq")
+        if quantizer == "fsq":  # the grid of levels is the codebook and its channels the code length
+            if not fsq_levels:
+                raise MrivqError("model.quantizer fsq needs model.fsq_levels, e.g. [8, 5, 5, 5] (1000 codes)")
+            fsq_levels = [int(v) for v in fsq_levels]
+            num_embeddings, embedding_dim = math.prod(fsq_levels), len(fsq_levels)
         act = tuple(act) if isinstance(act, list) else act  # a config read back from JSON has lists
         output_act = tuple(output_act) if isinstance(output_act, list) else output_act
         self._config = {k: _jsonable(v) for k, v in dict(
@@ -101,7 +117,8 @@ class VQVAE(nn.Module):
             init=init, dead_code_threshold=dead_code_threshold, restart_every=restart_every,
             restart_window=restart_window, restart_from=restart_from, decay_warmup=decay_warmup,
             usage_window=usage_window, use_cosine=use_cosine, act=act, dropout=dropout, output_act=output_act,
-            ddp_sync=ddp_sync, checkpointing=checkpointing).items()}
+            ddp_sync=ddp_sync, checkpointing=checkpointing,
+            **({"quantizer": quantizer, "fsq_levels": fsq_levels} if quantizer == "fsq" else {})).items()}
         self.checkpointing = bool(checkpointing)
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -117,12 +134,17 @@ class VQVAE(nn.Module):
             upsample_parameters=((2, 4, 1, 1, 0),) * levels, dropout=dropout, act=act, output_act=output_act)
         # Departure from monai.networks.nets.VQVAE: our quantizer (data init, dead-code restart, pure
         # lookups in eval mode, windowed usage stats) instead of MONAI's EMAQuantizer.
-        self.quantizer = VectorQuantizerEMA(
-            num_embeddings=num_embeddings, embedding_dim=embedding_dim, commitment_cost=commitment_cost,
-            decay=decay, epsilon=epsilon, init=init, dead_code_threshold=dead_code_threshold,
-            restart_every=restart_every, restart_window=restart_window, restart_from=restart_from,
-            decay_warmup=decay_warmup, usage_window=usage_window,
-            use_cosine=use_cosine, ddp_sync=ddp_sync)
+        # model.quantizer fsq: finite scalar quantization, no learned codebook (mrivq.models.fsq)
+        self.quantizer: nn.Module
+        if quantizer == "fsq":
+            self.quantizer = FiniteScalarQuantizer(fsq_levels, usage_window=usage_window)
+        else:
+            self.quantizer = VectorQuantizerEMA(
+                num_embeddings=num_embeddings, embedding_dim=embedding_dim, commitment_cost=commitment_cost,
+                decay=decay, epsilon=epsilon, init=init, dead_code_threshold=dead_code_threshold,
+                restart_every=restart_every, restart_window=restart_window, restart_from=restart_from,
+                decay_warmup=decay_warmup, usage_window=usage_window,
+                use_cosine=use_cosine, ddp_sync=ddp_sync)
 
     # ----------------------------------------------------------------- shapes
     @property
