@@ -28,18 +28,19 @@ from benchmarks.anatomy_cohort import write_cohort  # noqa: E402
 from benchmarks.common import emit  # noqa: E402
 
 HELD_OUT = 12 / 64  # val_fraction: 12 of the cohort's 64 subjects
+STAGE1_HEAVY = ["train.max_steps=800", "train.val_every=200", "train.ckpt_every=200", "prior.train.max_steps=240",
+                "prior.train.batch_size=4", "prior.train.val_every=60", "prior.train.ckpt_every=60"]
 ARMS = {
     "one hour (vqvae3d-cpu-hour)": {"preset": "vqvae3d-cpu-hour", "sets": []},
-    "quick start (vqvae3d-cpu)": {"preset": "vqvae3d-cpu", "sets": []},
-    # the quick start's ten minutes split the other way: most of it to the prior
-    "ten minutes, prior-heavy: stage 1 250 steps, prior 280 steps of 8": {"preset": "vqvae3d-cpu", "sets": [
-        "train.max_steps=250", "train.val_every=50", "train.ckpt_every=50", "prior.train.max_steps=280",
-        "prior.train.batch_size=8", "prior.train.val_every=70", "prior.train.ckpt_every=70"]},
-    # codes easier to model at the quick start's budget: a quarter of the codebook
-    "ten minutes, 128 codes": {"preset": "vqvae3d-cpu", "sets": [
-        "model.num_embeddings=128"]},
+    # ten minutes split the other way: most of it to stage 1
+    "ten minutes, stage-1-heavy: stage 1 800 steps, prior 240 steps of 4": {"preset": "vqvae3d-cpu",
+                                                                             "sets": STAGE1_HEAVY},
+    "quick start (vqvae3d-cpu): stage 1 250 steps, prior 280 steps of 8": {"preset": "vqvae3d-cpu", "sets": []},
+    # codes easier to model at the stage-1-heavy split: a quarter of the codebook
+    "ten minutes, stage-1-heavy, 128 codes": {"preset": "vqvae3d-cpu", "sets": [*STAGE1_HEAVY,
+                                                                                 "model.num_embeddings=128"]},
     # finite scalar quantization (Mentzer et al. 2023), its 2^8 setting: 240 codes of 3 channels
-    "ten minutes, FSQ 8x6x5": {"preset": "vqvae3d-cpu", "sets": ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"]},
+    "quick start, FSQ 8x6x5": {"preset": "vqvae3d-cpu", "sets": ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"]},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
            "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",
@@ -105,7 +106,7 @@ def main() -> None:
              "--device", "cpu", "--overwrite")
         real = a.work / f"realism{i}.json"
         step(f"realism {name}", "eval", "--run", str(run), "--samples", str(samples), "--root", str(root),
-             "--json", str(real), "--overwrite", "--device", "cpu")
+             "--train", "icbm-cohort:train", "--json", str(real), "--overwrite", "--device", "cpu")
         r = json.loads(real.read_text())
         picture = None
         if a.out and real.with_suffix(".png").is_file():  # samples beside their nearest real scans, 3 planes
