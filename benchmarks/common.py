@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def emit(out: dict, path: str | Path | None = None) -> None:
     import torch
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    out = {"machine": machine, **out, "command": "python " + " ".join(sys.argv),
+    out = {"machine": machine, **out, "command": "python " + shlex.join(sys.argv),
            "date": datetime.date.today().isoformat()}
     text = json.dumps(out, indent=2)
     print(text)

@@ -93,9 +93,11 @@ def test_check_names_the_stale_page_and_the_unknown_one(folders, capsys) -> None
 
 def test_fills_only_the_readme_block_and_leaves_a_readme_without_markers(folders, capsys) -> None:
     results, scripts, out = folders
-    (results / "realism_cpu_2cores.json").write_text(json.dumps({
-        "machine": "m1", "rows": {"pixelcnn": {"c2st_accuracy": 0.8125}, "raw": {"c2st_accuracy": 0.7}},
-        "controls": {"real_as_samples": {"c2st_accuracy": 0.6}}}))
+    from benchmarks.report import HOUR, QUICK
+
+    arm = {"samples": {"c2st_accuracy": 0.8125}, "controls": {"real_as_samples": {"c2st_accuracy": 0.6}}}
+    (results / "anatomy_cpu_2cores.json").write_text(json.dumps({
+        "machine": "m1", "arms": {QUICK: arm, HOUR: {**arm, "samples": {"c2st_accuracy": 0.7}}}}))
     readme = out.parent / "README.md"
     plain = "# Title\n\nNo block here.\n"
     readme.write_text(plain)
@@ -108,7 +110,8 @@ def test_fills_only_the_readme_block_and_leaves_a_readme_without_markers(folders
     text = readme.read_text()
     assert text.startswith(f"# Title\n\n{START}\n| figure | value | machine | page |")
     assert text.endswith(f"{END}\n\nAfter.\n")
-    assert "| 0.81 (real scans against real scans: 0.60) | m1 | [Realism of samples](out/realism.md) |" in text
+    assert ("| 0.81 (quick start), 0.70 (one hour); real scans read as samples: 0.60 | m1 | "
+            "[Anatomy of samples at a fixed CPU budget](out/anatomy.md) |") in text
     assert "old table" not in text and main([*args, "--check"]) == 0
     readme.write_text(text.replace("0.81", "0.99"))
     assert main([*args, "--check"]) == 1 and "results block" in capsys.readouterr().out
