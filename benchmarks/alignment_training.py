@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import cli, emit  # noqa: E402
 
 NO_ALIGN = ["--set", "data.register=null", "--set", "data.head_percentiles=false"]
 ARMS = {
@@ -33,11 +31,6 @@ REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssi
            "ventricles_present", "anatomy")
 ANOMALY = ("auprc", "auroc", "best_dice", "dice")
 
-
-def mrivq(*args: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
 
     def step(key: str, *args: str) -> None:
         if key not in times:
-            times[key] = round(mrivq(*args), 1)
+            times[key] = round(cli(*args), 1)
             a.work.mkdir(parents=True, exist_ok=True)
             log.write_text(json.dumps(times, indent=2))
 

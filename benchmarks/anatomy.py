@@ -17,15 +17,14 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.anatomy_cohort import write_cohort  # noqa: E402
-from benchmarks.common import emit  # noqa: E402
+from benchmarks.common import cli, emit  # noqa: E402
+from benchmarks.realism import stage_seconds  # noqa: E402
 
 HELD_OUT = 12 / 64  # val_fraction: 12 of the cohort's 64 subjects
 STAGE1_HEAVY = ["train.max_steps=800", "train.val_every=200", "train.ckpt_every=200", "prior.train.max_steps=240",
@@ -51,21 +50,17 @@ CONTROL = ("c2st_accuracy", "c2st_texture_accuracy", "tissue_dice_gap", "ventric
            "mask_dice_synth")
 
 
-def mrivq(*args: str) -> float:
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
-    return time.perf_counter() - t
-
 
 def run_figures(run: Path) -> dict:
     """Stage wall times (first to last logged row), the last val PSNR and the best prior held-out nats."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out: dict = {}
+    seconds = stage_seconds(run)
     for stage in ("vqvae", "prior"):
         r = [x for x in rows if x.get("stage") == stage]
         if r:
             out[f"{stage}_steps"] = max(x.get("step", 0) for x in r)
-            out[f"{stage}_seconds"] = round(r[-1]["time"] - r[0]["time"], 1)
+            out[f"{stage}_seconds"] = round(seconds[stage], 1)
     psnr = [x["val_psnr"] for x in rows if "val_psnr" in x]
     nats = [x["val_nats_per_token"] for x in rows if "val_nats_per_token" in x]
     out["val_psnr"] = round(psnr[-1], 2) if psnr else None
@@ -89,12 +84,12 @@ def main() -> None:
 
     def step(key: str, *args: str) -> None:
         if key not in times:
-            times[key] = round(mrivq(*args), 1)
+            times[key] = round(cli(*args), 1)
             log.write_text(json.dumps(times, indent=2))
 
     if not (root / "icbm-cohort" / "manifest.csv").is_file():
         card = write_cohort(a.work / "cohort", a.count)
-        mrivq("fetch", str(card), "--from", str(a.work / "cohort" / "scans"), "--root", str(root))
+        cli("fetch", str(card), "--from", str(a.work / "cohort" / "scans"), "--root", str(root))
     rows = {}
     for i, (name, arm) in enumerate(ARMS.items()):
         if a.arms and name not in a.arms:

@@ -11,9 +11,13 @@ import sys
 from pathlib import Path
 
 
-def cli(*args: str) -> None:
-    """Run ``mrivq ARGS`` as a user would, in a subprocess."""
+def cli(*args: str) -> float:
+    """Run ``mrivq ARGS`` as a user would, in a subprocess; return its wall-clock seconds."""
+    import time
+
+    t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mrivq", *args], check=True)
+    return time.perf_counter() - t
 
 
 def quickstart_run(run: Path, root: Path) -> Path:
