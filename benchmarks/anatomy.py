@@ -29,6 +29,7 @@ from benchmarks.realism import stage_seconds  # noqa: E402
 HELD_OUT = 12 / 64  # val_fraction: 12 of the cohort's 64 subjects
 STAGE1_HEAVY = ["train.max_steps=800", "train.val_every=200", "train.ckpt_every=200", "prior.train.max_steps=240",
                 "prior.train.batch_size=4", "prior.train.val_every=60", "prior.train.ckpt_every=60"]
+FSQ = ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"]  # finite scalar quantization, 240 codes of 3 channels
 ARMS = {
     "one hour (vqvae3d-cpu-hour)": {"preset": "vqvae3d-cpu-hour", "sets": []},
     # ten minutes split the other way: most of it to stage 1
@@ -39,9 +40,12 @@ ARMS = {
     "ten minutes, stage-1-heavy, 128 codes": {"preset": "vqvae3d-cpu", "sets": [*STAGE1_HEAVY,
                                                                                  "model.num_embeddings=128"]},
     # finite scalar quantization (Mentzer et al. 2023), its 2^8 setting: 240 codes of 3 channels
-    "quick start, FSQ 8x6x5": {"preset": "vqvae3d-cpu", "sets": ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"],
-                               "note": "trained while a test suite shared the 2 cores: its times are not comparable "
-                                       "with the other arms' (its steps and figures are)"},
+    "quick start, FSQ 8x6x5": {"preset": "vqvae3d-cpu", "sets": FSQ},
+    # finer codes: one downsampling, so 8 mm code cells (a 24x28x24 grid, 8x the tokens); the prior sees the
+    # same tokens per step as the quick start's 8 coarse grids
+    "quick start, 8 mm code cells: one downsampling, prior 280 steps of 1 grid": {
+        "preset": "vqvae3d-cpu", "sets": ["model.channels=[32]", "model.num_res_channels=[32]",
+                                          "prior.train.batch_size=1"]},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
            "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",

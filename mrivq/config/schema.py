@@ -122,6 +122,7 @@ SCHEMA: dict[str, Any] = {
             "kernel_size": POS, "num_classes": optional(POS), "num_covariates": NONNEG, "cond_dim": POS,
             "latent_shape": optional(int_list()), "positions": choice(None, "none", "axes", "grid"),
             "position_dim": POS, "attention_every": NONNEG, "attention_heads": POS,
+            "dropout": number(0, 1, hi_open=True),
             # the parallel-decoding family (mrivq.models.maskgit)
             "family": choice("pixelcnn", "maskgit"), "num_blocks": POS, "dilations": int_list(),
             "decode_steps": POS, "choice_temperature": number(0),

@@ -48,16 +48,18 @@ def mask_ratio(r: torch.Tensor | float) -> torch.Tensor | float:
 class _Block(nn.Module):
     """Pre-norm gated residual block: ``x + proj(gate(conv_dilated(norm(x)) + position bias))``."""
 
-    def __init__(self, n: int, channels: int, kernel_size: int, dilation: int, pos_dim: int) -> None:
+    def __init__(self, n: int, channels: int, kernel_size: int, dilation: int, pos_dim: int,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         conv = _conv(n)
+        self.drop = nn.Dropout(dropout)
         self.norm = nn.GroupNorm(min(8, channels), channels)
         self.conv = conv(channels, 2 * channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation)
         self.pos = conv(pos_dim, 2 * channels, 1, bias=False)
         self.proj = conv(channels, channels, 1, bias=False)  # a norm follows everywhere: a bias would get no gradient
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(gate(self.conv(self.norm(x)) + self.pos(pos)))
+        return x + self.proj(self.drop(gate(self.conv(self.norm(x)) + self.pos(pos))))
 
 
 class MaskedTokenPrior(nn.Module):
@@ -75,6 +77,7 @@ class MaskedTokenPrior(nn.Module):
         decode_steps: sampling steps (every code is fixed after this many network evaluations).
         choice_temperature: scale of the Gumbel noise added to the confidences when choosing which codes
             to keep, annealed linearly to 0 over the steps (MaskGIT's 4.5).
+        dropout: dropout on every block's gated activation while training (as the pixelcnn family's).
     """
 
     family = "maskgit"
@@ -82,7 +85,7 @@ class MaskedTokenPrior(nn.Module):
     def __init__(self, spatial_dims: int, num_embeddings: int, latent_shape: Sequence[int], channels: int = 64,
                  num_blocks: int = 8, kernel_size: int = 3, dilations: Sequence[int] = (1, 2, 4, 8),
                  position_dim: int = 32, decode_steps: int = 12, choice_temperature: float = 4.5,
-                 num_classes: int | None = None, num_covariates: int = 0) -> None:
+                 num_classes: int | None = None, num_covariates: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
             raise MrivqError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
@@ -97,6 +100,9 @@ class MaskedTokenPrior(nn.Module):
             raise MrivqError(f"dilations must be a non-empty list of integers >= 1, got {list(dilations)}")
         if decode_steps < 1 or choice_temperature < 0:
             raise MrivqError("decode_steps must be >= 1 and choice_temperature >= 0")
+        if not 0 <= dropout < 1:
+            raise MrivqError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         shape = tuple(int(s) for s in latent_shape)
         if len(shape) != spatial_dims or min(shape) < 1:
             raise MrivqError(f"latent_shape {list(shape)} does not fit a {spatial_dims}D prior")
@@ -110,7 +116,7 @@ class MaskedTokenPrior(nn.Module):
         self.embedding = nn.Embedding(self.num_embeddings + 1, channels)
         self.pos_grid = nn.Parameter(torch.randn(self.position_dim, *shape) * 0.02)
         self.blocks = nn.ModuleList([_Block(spatial_dims, channels, kernel_size,
-                                            self.dilations[i % len(self.dilations)], self.position_dim)
+                                            self.dilations[i % len(self.dilations)], self.position_dim, self.dropout)
                                      for i in range(num_blocks)])
         conv = _conv(spatial_dims)
         self.head = nn.Sequential(nn.GroupNorm(min(8, channels), channels), nn.ReLU(), conv(channels, channels, 1),
@@ -123,7 +129,7 @@ class MaskedTokenPrior(nn.Module):
                 "latent_shape": list(self.latent_shape), "channels": self.channels, "num_blocks": self.num_blocks,
                 "kernel_size": self.kernel_size, "dilations": list(self.dilations),
                 "position_dim": self.position_dim, "decode_steps": self.decode_steps,
-                "choice_temperature": self.choice_temperature}
+                "choice_temperature": self.choice_temperature, "dropout": self.dropout}
 
     def forward(self, indices: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Logits ``[B, num_embeddings, *latent]`` for every position, from the unmasked codes."""

@@ -80,7 +80,7 @@ class GatedLayer(nn.Module):
     """One layer of all ``n`` stacks: causal convs, links from earlier stacks, output projection."""
 
     def __init__(self, spatial_dims: int, channels: int, r: int, first: bool, cond_dim: int | None,
-                 pos_dim: int | None = None) -> None:
+                 pos_dim: int | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         n, c, conv = spatial_dims, channels, _conv(spatial_dims)
         self.n, self.r, self.first = n, r, first
@@ -97,6 +97,8 @@ class GatedLayer(nn.Module):
         self.proj = conv(c, c, 1)  # horizontal output projection (before the residual sum)
         self.cond = nn.Linear(cond_dim, n * 2 * c, bias=False) if cond_dim else None
         self.pos = conv(pos_dim, n * 2 * c, 1, bias=False) if pos_dim else None
+        # on every gated activation, training only: elementwise, so no position sees a later one
+        self.drop = nn.Dropout(dropout)
 
     def stack_pads(self, k: int) -> list[tuple[int, int]]:
         n, r = self.n, self.r
@@ -118,7 +120,7 @@ class GatedLayer(nn.Module):
                 pre = pre + cbias[:, k].reshape(*cbias.shape[:1], -1, *[1] * n)
             if pbias is not None:
                 pre = pre + pbias[k]
-            new.append(stacks[k] + gate(pre))  # residual (the token embedding on the first layer)
+            new.append(stacks[k] + self.drop(gate(pre)))  # residual (the token embedding on the first layer)
         src = emb if self.first else h
         pre = self.convs[n - 1](pad_axes(src, self.stack_pads(n - 1)))
         if self.first:
@@ -129,7 +131,7 @@ class GatedLayer(nn.Module):
             pre = pre + cbias[:, n - 1].reshape(*cbias.shape[:1], -1, *[1] * n)
         if pbias is not None:
             pre = pre + pbias[n - 1]
-        out = self.proj(gate(pre))
+        out = self.proj(self.drop(gate(pre)))
         return new, out if self.first else h + out
 
 
@@ -185,6 +187,9 @@ class GatedPixelCNN(nn.Module):
         position_dim: width of the position embedding before each layer's projection.
         attention_every: a causal self-attention block after every this many gated layers (0: none).
         attention_heads: heads of each attention block (must divide ``channels``).
+        dropout: dropout on every gated activation while training (Srivastava et al. 2014; PixelCNN++,
+            Salimans et al. 2017, regularises the same way); a prior trained long on a small cohort
+            memorises its code grids without it. Sampling and scoring run in eval mode, unaffected.
 
     ``forward(indices, cond)`` takes ``LongTensor[B, *latent]`` and returns logits
     ``[B, num_embeddings, *latent]``. ``cond`` is ``None``, class ids ``LongTensor[B]`` (or an int for
@@ -194,7 +199,8 @@ class GatedPixelCNN(nn.Module):
     def __init__(self, spatial_dims: int, num_embeddings: int, channels: int = 64, num_layers: int = 8,
                  kernel_size: int = 3, num_classes: int | None = None, num_covariates: int = 0,
                  cond_dim: int = 64, latent_shape: Sequence[int] | None = None, positions: str | None = None,
-                 position_dim: int = 32, attention_every: int = 0, attention_heads: int = 4) -> None:
+                 position_dim: int = 32, attention_every: int = 0, attention_heads: int = 4,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         if spatial_dims not in (1, 2, 3):
             raise MrivqError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
@@ -218,6 +224,9 @@ class GatedPixelCNN(nn.Module):
             raise MrivqError("positions need the code grid's latent_shape")
         if attention_every < 0 or attention_heads < 1:
             raise MrivqError("attention_every must be >= 0 and attention_heads >= 1")
+        if not 0 <= dropout < 1:
+            raise MrivqError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
         self.position_dim, self.attention_every, self.attention_heads = int(position_dim), int(attention_every), \
             int(attention_heads)
         r = kernel_size // 2
@@ -231,7 +240,8 @@ class GatedPixelCNN(nn.Module):
         self.class_embedding = nn.Embedding(self.num_classes, cond_dim) if self.num_classes else None
         self.covariate_proj = nn.Linear(self.num_covariates, cond_dim) if self.num_covariates else None
         cd = cond_dim if self.conditional else None
-        self.layers = nn.ModuleList([GatedLayer(spatial_dims, channels, r, i == 0, cd, pd) for i in range(num_layers)])
+        self.layers = nn.ModuleList([GatedLayer(spatial_dims, channels, r, i == 0, cd, pd, self.dropout)
+                                     for i in range(num_layers)])
         # attention[str(l)]: the block after gated layer l
         self.attention = nn.ModuleDict({str(i): CausalAttention(channels, self.attention_heads)
                                         for i in range(num_layers)
@@ -248,7 +258,8 @@ class GatedPixelCNN(nn.Module):
                 "num_classes": self.num_classes, "num_covariates": self.num_covariates,
                 "cond_dim": self.cond_dim, "latent_shape": list(self.latent_shape) if self.latent_shape else None,
                 "positions": self.positions, "position_dim": self.position_dim,
-                "attention_every": self.attention_every, "attention_heads": self.attention_heads}
+                "attention_every": self.attention_every, "attention_heads": self.attention_heads,
+                "dropout": self.dropout}
 
     def position_biases(self) -> list[torch.Tensor | None]:
         """Per layer: the position part of every stack's gate bias, ``[n, 2C, *latent]`` (None without)."""
