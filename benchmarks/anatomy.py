@@ -46,6 +46,9 @@ ARMS = {
     "quick start, 8 mm code cells: one downsampling, prior 280 steps of 1 grid": {
         "preset": "vqvae3d-cpu", "sets": ["model.channels=[32]", "model.num_res_channels=[32]",
                                           "prior.train.batch_size=1"]},
+    # the one-hour preset with codes easier to model and a prior that cannot memorise the training grids
+    "one hour, FSQ 8x6x5, prior dropout 0.2": {"preset": "vqvae3d-cpu-hour", "sets": [*FSQ, "prior.model.dropout=0.2"]},
+    "quick start, FSQ 8x6x5, prior dropout 0.2": {"preset": "vqvae3d-cpu", "sets": [*FSQ, "prior.model.dropout=0.2"]},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
            "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",

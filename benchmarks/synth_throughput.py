@@ -10,7 +10,6 @@ depend on what was learned), then times :func:`mrivq.sample_tokens` (cached samp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from benchmarks.common import emit  # noqa: E402
 from mrivq.config.presets import load_preset  # noqa: E402
 from mrivq.inference.sampling import sample_tokens  # noqa: E402
 from mrivq.models.pixelcnn import GatedPixelCNN  # noqa: E402
@@ -37,7 +37,8 @@ def measure(vq_name: str, prior_name: str, count: int, batch: int, dev: torch.de
     pcfg = dict(load_preset(prior_name)["prior"]["model"])
     if pcfg.get("positions"):  # position embeddings are tied to the code grid, as mrivq train sets it
         pcfg["latent_shape"] = list(latent)
-    prior = GatedPixelCNN(spatial_dims=data["dims"], num_embeddings=mcfg["num_embeddings"], **pcfg).to(dev).eval()
+    # vq.num_embeddings: the codebook's size, or the product of the FSQ levels
+    prior = GatedPixelCNN(spatial_dims=data["dims"], num_embeddings=vq.num_embeddings, **pcfg).to(dev).eval()
     sample_tokens(prior, latent, 1, seed=0, device=dev)  # warm-up
     t0 = time.perf_counter()
     tokens = sample_tokens(prior, latent, count, seed=0, batch_size=batch, device=dev)
@@ -62,15 +63,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--presets", nargs="*", default=[v for v, _ in PAIRS])
+    ap.add_argument("--out", help="also write the JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     rows = [measure(v, p, a.count, a.batch_size, dev) for v, p in PAIRS if v in a.presets]
-    print(json.dumps({"benchmark": "synth_throughput", "command": " ".join(sys.argv),
-                      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                                  "torch": torch.__version__, "device": str(dev),
-                                  "loadavg": list(os.getloadavg())},
-                      "results": rows}, indent=2))
+    emit({"benchmark": "synth_throughput", "device": str(dev), "platform": platform.platform(),
+          "loadavg": list(os.getloadavg()), "results": rows}, a.out)
 
 
 if __name__ == "__main__":
