@@ -64,14 +64,18 @@ def test_vqvae_with_fsq_sets_its_codebook_size_and_rebuilds_from_its_config() ->
         VQVAE(quantizer="lfq")
 
 
-def test_a_run_trains_and_samples_with_fsq_codes(phantom_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--set", "train.adversarial_weight=0.1", "--set", "train.adversarial_start=2",
+                                    "--set", "train.disc_channels=4", "--set", "train.disc_layers=2",
+                                    "--set", "prior.model.dropout=0.2"]], ids=["plain", "discriminator-dropout"])
+def test_a_run_trains_and_samples_with_fsq_codes(phantom_root: Path, tmp_path: Path, extra: list[str]) -> None:
     run = tmp_path / "run"
     res = invoke("train", "--dataset", "phantom", "--root", str(phantom_root), "--preset", "vqvae3d-cpu",
                  "--out", str(run), *TINY, "--set", "model.quantizer=fsq", "--set", "model.fsq_levels=[4,3,3]",
-                 "--set", "train.max_steps=4", "--set", "prior.train.max_steps=3", "--device", "cpu")
+                 "--set", "train.max_steps=4", "--set", "prior.train.max_steps=3", "--device", "cpu", *extra)
     assert res.exit_code == 0, res.output
     info = json.loads((run / "run.json").read_text())
     assert info["model_config"]["vqvae"]["num_embeddings"] == 36
+    assert info["model_config"]["prior"]["dropout"] == (0.2 if extra else 0.0)
     res = invoke("synth", "--run", str(run), "--count", "2", "--out", str(tmp_path / "synth"), "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "synth").glob("*.nii.gz"))) == 2
