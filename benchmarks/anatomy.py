@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +70,45 @@ REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssi
 CONTROL = ("c2st_accuracy", "c2st_texture_accuracy", "tissue_dice_gap", "ventricles_present", "ms_ssim_synth",
            "mask_dice_synth")
 
+
+
+#: the goals at a preset's budget: (name, the figure from an arm's row, the test it must pass)
+GOALS: list[tuple[str, Callable[[dict], float | None], Callable[[float], bool]]] = [
+    # one-sided: reconstructions harder to tell from the held-out scans than the training scans are pass
+    ("reconstructions' C2ST - control <= 0.1", lambda r: _gap(r, ("controls", "reconstructions", "c2st_accuracy"),
+                                                             ("controls", "real_as_samples", "c2st_accuracy"),
+                                                             signed=True), lambda v: v <= 0.1),
+    ("tissue Dice gap <= 0.05", lambda r: _at(r, ("samples", "tissue_dice_gap")), lambda v: v <= 0.05),
+    ("ventricles present >= 0.9", lambda r: _at(r, ("samples", "ventricles_present")), lambda v: v >= 0.9),
+    ("MS-SSIM - real's <= 0.05", lambda r: _gap(r, ("samples", "ms_ssim_synth"), ("samples", "ms_ssim_real")),
+     lambda v: v <= 0.05),
+    ("memorization >= 0.7", lambda r: _at(r, ("samples", "memorization")), lambda v: v >= 0.7),
+    ("head-mask Dice - real's <= 0.03", lambda r: _gap(r, ("samples", "mask_dice_synth"),
+                                                       ("samples", "mask_dice_real")), lambda v: v <= 0.03),
+    ("C2ST <= 0.75", lambda r: _at(r, ("samples", "c2st_accuracy")), lambda v: v <= 0.75),
+    ("synth volumes per minute (the 24-volume command, start-up included) >= 100",
+     lambda r: _at(r, ("synth_volumes_per_minute",)), lambda v: v >= 100),
+]
+
+
+def _at(row: dict, path: tuple[str, ...]) -> float | None:
+    for k in path:
+        row = row.get(k) if isinstance(row, dict) else None
+    return float(row) if isinstance(row, (int, float)) else None
+
+
+def _gap(row: dict, a: tuple[str, ...], b: tuple[str, ...], signed: bool = False) -> float | None:
+    x, y = _at(row, a), _at(row, b)
+    return None if x is None or y is None else (x - y if signed else abs(x - y))
+
+
+def goals(row: dict) -> dict[str, str]:
+    """Each goal's figure for one arm and whether it is met (a dash where the arm lacks the figure)."""
+    out = {}
+    for name, get, ok in GOALS:
+        v = get(row)
+        out[name] = "—" if v is None or not math.isfinite(v) else f"{v:.3g} {'met' if ok(v) else 'missed'}"
+    return out
 
 
 def run_figures(run: Path) -> dict:
@@ -136,8 +177,17 @@ def main() -> None:
                       "controls": {c: {k: v.get(k) for k in CONTROL} for c, v in (r.get("controls") or {}).items()},
                       "picture": picture.name if picture else None,
                       **({"note": arm["note"]} if "note" in arm else {})}
+    # the real-as-samples control against the goals it can be held to (a reference for each bar)
+    control = next(({"samples": {**c["real_as_samples"], "ms_ssim_real": r["samples"]["ms_ssim_real"],
+                                 "mask_dice_real": r["samples"]["mask_dice_real"]}}
+                    for r in rows.values() if (c := r.get("controls") or {}).get("real_as_samples")), None)
+    table = {name: goals(r) for name, r in rows.items()}
+    if control:
+        table["control: held-out scans read as samples"] = {
+            k: v for k, v in goals(control).items() if not k.startswith(("reconstructions", "memorization", "synth"))}
     emit({"cohort": "deformed ICBM152 2009a T1, benchmarks/anatomy_cohort.py", "subjects": a.count,
-          "held_out": round(a.count * HELD_OUT), "samples": a.samples, "arms": rows, "times": times}, a.out)
+          "held_out": round(a.count * HELD_OUT), "samples": a.samples, "arms": rows, "goals": table,
+          "times": times}, a.out)
 
 
 if __name__ == "__main__":

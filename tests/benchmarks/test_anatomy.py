@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.anatomy import run_figures
+from benchmarks.anatomy import goals, run_figures
 from benchmarks.anatomy_cohort import subject, write_cohort
 from mrivq.data.align import load_template
 from tests.helpers import mrivq_main
@@ -63,3 +63,16 @@ def test_run_figures_reads_stage_times_psnr_and_best_nats(tmp_path: Path) -> Non
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert run_figures(tmp_path) == {"vqvae_steps": 10, "vqvae_seconds": 11.0, "prior_steps": 9,
                                      "prior_seconds": 60.0, "val_psnr": 21.23, "prior_val_nats_best": 2.5}
+
+
+def test_goals_mark_each_figure_met_or_missed() -> None:
+    row = {"samples": {"c2st_accuracy": 0.77, "tissue_dice_gap": 0.03, "ventricles_present": 0.5,
+                       "ms_ssim_synth": 0.80, "ms_ssim_real": 0.86, "memorization": 1.1, "mask_dice_synth": 0.95,
+                       "mask_dice_real": 0.96},
+           "controls": {"reconstructions": {"c2st_accuracy": 0.55}, "real_as_samples": {"c2st_accuracy": 0.67}},
+           "synth_volumes_per_minute": 120.0}
+    got = list(goals(row).values())
+    # reconstructions below the control pass (one-sided); MS-SSIM 0.06 away fails (two-sided)
+    assert got == ["-0.12 met", "0.03 met", "0.5 missed", "0.06 missed", "1.1 met", "0.01 met", "0.77 missed",
+                   "120 met"]
+    assert list(goals({"samples": {}}).values())[0] == "—"  # a figure the arm lacks
