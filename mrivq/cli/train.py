@@ -41,7 +41,6 @@ def train(
     device = ddp.init_from_env(device)  # torchrun: join the process group, take this rank's GPU
     try:
         _train(req, stage, run, out_dir, resume, device, max_steps, epochs, prior_max_steps, root)
-        ddp.barrier()  # every rank past its last collective before any tears the process group down
     finally:
         ddp.shutdown()
 
