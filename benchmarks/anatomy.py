@@ -59,7 +59,7 @@ ARMS = {
                                                                        "sets": [*FSQ, *FSQ_SPLIT]},
     # the same ten minutes with a patch discriminator (least-squares GAN, weight 0.01 from step 100), which
     # about halves stage 1's steps per second: 320 steps
-    "ten minutes, FSQ 8x6x5: stage 1 320 steps with a patch discriminator, prior 200 steps of 8": {
+    "ten minutes, FSQ 8x6x5, patch discriminator: stage 1 320 steps, prior 200 steps of 8": {
         "preset": "vqvae3d-cpu", "sets": [*FSQ, *FSQ_SPLIT, "train.max_steps=320", "train.val_every=80",
                                           "train.ckpt_every=80", "train.adversarial_weight=0.01",
                                           "train.adversarial_start=100"]},
@@ -86,7 +86,7 @@ GOALS: list[tuple[str, Callable[[dict], float | None], Callable[[float], bool]]]
     ("head-mask Dice - real's <= 0.03", lambda r: _gap(r, ("samples", "mask_dice_synth"),
                                                        ("samples", "mask_dice_real")), lambda v: v <= 0.03),
     ("C2ST <= 0.75", lambda r: _at(r, ("samples", "c2st_accuracy")), lambda v: v <= 0.75),
-    ("synth volumes per minute (the 24-volume command, start-up included) >= 100",
+    ("synth volumes per minute (the synth command, start-up included) >= 100",
      lambda r: _at(r, ("synth_volumes_per_minute",)), lambda v: v >= 100),
 ]
 
@@ -109,6 +109,11 @@ def goals(row: dict) -> dict[str, str]:
         v = get(row)
         out[name] = "—" if v is None or not math.isfinite(v) else f"{v:.3g} {'met' if ok(v) else 'missed'}"
     return out
+
+
+def slug(name: str) -> str:
+    """An arm's picture name: its name before any ``(`` or ``:``, in lower case with underscores."""
+    return re.sub(r"[^a-z0-9]+", "_", name.split("(")[0].split(":")[0].lower()).strip("_")
 
 
 def run_figures(run: Path) -> dict:
@@ -167,8 +172,7 @@ def main() -> None:
         r = json.loads(real.read_text())
         picture = None
         if a.out and real.with_suffix(".png").is_file():  # samples beside their nearest real scans, 3 planes
-            slug = re.sub(r"[^a-z0-9]+", "_", name.split("(")[0].split(":")[0].lower()).strip("_")
-            picture = a.out.parent / f"anatomy_{slug}.png"
+            picture = a.out.parent / f"anatomy_{slug(name)}.png"
             shutil.copyfile(real.with_suffix(".png"), picture)
         rows[name] = {"preset": arm["preset"], "sets": arm["sets"], "train_seconds": times[f"train {name}"],
                       **run_figures(run),

@@ -129,7 +129,8 @@ class MaskedTokenPrior(nn.Module):
                 "latent_shape": list(self.latent_shape), "channels": self.channels, "num_blocks": self.num_blocks,
                 "kernel_size": self.kernel_size, "dilations": list(self.dilations),
                 "position_dim": self.position_dim, "decode_steps": self.decode_steps,
-                "choice_temperature": self.choice_temperature, "dropout": self.dropout}
+                "choice_temperature": self.choice_temperature,
+                **({"dropout": self.dropout} if self.dropout else {})}  # only when set: older versions read it
 
     def forward(self, indices: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Logits ``[B, num_embeddings, *latent]`` for every position, from the unmasked codes."""

@@ -259,7 +259,7 @@ class GatedPixelCNN(nn.Module):
                 "cond_dim": self.cond_dim, "latent_shape": list(self.latent_shape) if self.latent_shape else None,
                 "positions": self.positions, "position_dim": self.position_dim,
                 "attention_every": self.attention_every, "attention_heads": self.attention_heads,
-                "dropout": self.dropout}
+                **({"dropout": self.dropout} if self.dropout else {})}  # only when set: older versions read it
 
     def position_biases(self) -> list[torch.Tensor | None]:
         """Per layer: the position part of every stack's gate bias, ``[n, 2C, *latent]`` (None without)."""

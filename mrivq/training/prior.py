@@ -192,6 +192,8 @@ def train_prior(cfg: dict, run: RunFolder, split: Any, device: torch.device, *, 
     if ddp.broadcast(stale):
         resume = False
     net = ddp.wrap(prior, device)
+    if getattr(prior, "dropout", 0) and ddp.world() > 1:  # weights are in sync: now independent masks per rank
+        torch.manual_seed(int(tcfg["seed"]) + 1_000_003 * ddp.rank())
 
     total = total_steps(tcfg, n, bs)
 

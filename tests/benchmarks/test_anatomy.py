@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.anatomy import goals, run_figures
+from benchmarks.anatomy import ARMS, goals, run_figures, slug
 from benchmarks.anatomy_cohort import subject, write_cohort
 from mrivq.data.align import load_template
 from tests.helpers import mrivq_main
@@ -76,3 +76,8 @@ def test_goals_mark_each_figure_met_or_missed() -> None:
     assert got == ["-0.12 met", "0.03 met", "0.5 missed", "0.06 missed", "1.1 met", "0.01 met", "0.77 missed",
                    "120 met"]
     assert list(goals({"samples": {}}).values())[0] == "—"  # a figure the arm lacks
+
+
+def test_every_arm_has_its_own_picture_name() -> None:
+    names = [slug(n) for n in ARMS]
+    assert len(set(names)) == len(names) and all(names)

@@ -49,7 +49,7 @@ def test_dropout_acts_while_training_only(make) -> None:
     model.eval()
     plain.eval()
     torch.testing.assert_close(model(x), plain(x), atol=0, rtol=0)
-    assert model.config["dropout"] == 0.3
+    assert model.config["dropout"] == 0.3 and "dropout" not in plain.config  # unset: configs as before
     rebuilt = prior_from_config(model.config)
     assert rebuilt.dropout == 0.3 and len([m for m in rebuilt.modules() if isinstance(m, torch.nn.Dropout)]) > 0
 
@@ -90,3 +90,34 @@ def test_dropout_is_a_validated_prior_model_key() -> None:
         GatedPixelCNN(3, K, dropout=-0.1)
     with pytest.raises(MrivqError, match="dropout"):
         MaskedTokenPrior(3, K, SHAPE, dropout=1.5)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _fit_prior(run_dir, total: int, *, resume: bool = False, crash_at: int | None = None) -> GatedPixelCNN:
+    from mrivq.training.loop import LoopConfig, run_loop
+
+    model = _pixelcnn(0.3).float().train()
+    x = torch.randint(0, K, (4, *SHAPE), generator=torch.Generator().manual_seed(3))
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict]:
+        if step == crash_at:
+            raise _Crash
+        return torch.nn.functional.cross_entropy(model(x), x), {}  # fresh dropout masks from the torch RNG
+
+    lc = LoopConfig(stage="prior", run_dir=run_dir, total_steps=total, lr=0.01, val_every=1000, ckpt_every=3,
+                    log_every=1, best_key="none")
+    run_loop(lc, model, torch.device("cpu"), step_fn, lambda: {"val": 0.0}, resume=resume)
+    return model
+
+
+def test_a_dropout_prior_resumes_exactly(tmp_path) -> None:
+    """The masks after a resume are the ones the uninterrupted run drew: the checkpoint carries the RNG."""
+    full = _fit_prior(tmp_path / "full", 6)
+    with pytest.raises(_Crash):
+        _fit_prior(tmp_path / "cut", 6, crash_at=5)  # checkpoint at step 3
+    cut = _fit_prior(tmp_path / "cut", 6, resume=True)
+    for (name, a), b in zip(full.state_dict().items(), cut.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
