@@ -37,8 +37,12 @@ STAGE1_HEAVY = ["train.max_steps=800", "train.val_every=200", "train.ckpt_every=
 FSQ = ["model.quantizer=fsq", "model.fsq_levels=[8,6,5]"]  # finite scalar quantization, 240 codes of 3 channels
 FSQ_SPLIT = ["train.max_steps=600", "train.val_every=150", "train.ckpt_every=150", "prior.train.max_steps=200",
              "prior.train.val_every=50", "prior.train.ckpt_every=50"]
-ARMS = {
-    "one hour (vqvae3d-cpu-hour)": {"preset": "vqvae3d-cpu-hour", "sets": []},
+HOUR = "one hour (vqvae3d-cpu-hour): FSQ 8x6x5, prior dropout 0.2"
+ARMS: dict[str, dict] = {
+    # the one-hour preset's network and steps with a learned codebook of 512 and no prior dropout
+    "one hour, learned codebook: 512 codes, no prior dropout": {"preset": "vqvae3d-cpu-hour",
+                                                                "sets": ["model.quantizer=ema",
+                                                                         "prior.model.dropout=0"]},
     # ten minutes split the other way: most of it to stage 1
     "ten minutes, stage-1-heavy: stage 1 800 steps, prior 240 steps of 4": {"preset": "vqvae3d-cpu",
                                                                              "sets": STAGE1_HEAVY},
@@ -53,8 +57,8 @@ ARMS = {
     "quick start, 8 mm code cells: one downsampling, prior 280 steps of 1 grid": {
         "preset": "vqvae3d-cpu", "sets": ["model.channels=[32]", "model.num_res_channels=[32]",
                                           "prior.train.batch_size=1"]},
-    # the one-hour preset with codes easier to model and a prior that cannot memorise the training grids
-    "one hour, FSQ 8x6x5, prior dropout 0.2": {"preset": "vqvae3d-cpu-hour", "sets": [*FSQ, "prior.model.dropout=0.2"]},
+    # the one-hour preset: codes easier to model, and a prior slower to memorise the training grids
+    HOUR: {"preset": "vqvae3d-cpu-hour", "sets": []},
     "quick start, FSQ 8x6x5, prior dropout 0.2": {"preset": "vqvae3d-cpu", "sets": [*FSQ, "prior.model.dropout=0.2"]},
     # FSQ's codes are learned by the prior in ~200 steps: the rest of the ten minutes to stage 1, for sharper
     # reconstructions (the ventricles are filled in at 250 steps)
@@ -66,6 +70,8 @@ ARMS = {
         "preset": "vqvae3d-cpu", "sets": [*FSQ, *FSQ_SPLIT, "train.max_steps=320", "train.val_every=80",
                                           "train.ckpt_every=80", "train.adversarial_weight=0.01",
                                           "train.adversarial_start=100"]},
+    # sampling only: the one-hour preset's run sampled hotter (synth --temperature), for diversity
+    "one hour, sampled at temperature 1.1": {"samples_from": HOUR, "synth": ["--temperature", "1.1"]},
 }
 REALISM = ("c2st_accuracy", "c2st_texture_accuracy", "mmd", "mmd_floor", "ms_ssim_synth", "ms_ssim_real",
            "mask_dice_synth", "mask_dice_real", "tissue_in_range", "memorization", "tissue_dice_gap",
@@ -162,13 +168,16 @@ def main() -> None:
     for i, (name, arm) in enumerate(ARMS.items()):
         if a.arms and name not in a.arms:
             continue
-        run = a.work / f"run{i}"
-        sets = [x for s in [f"train.val_fraction={HELD_OUT}", *arm["sets"], *a.sets] for x in ("--set", s)]
-        step(f"train {name}", "train", "--dataset", "icbm-cohort", "--root", str(root), "--preset", arm["preset"],
-             "--out", str(run), "--device", "cpu", *sets, *(["--resume"] if (run / "run.json").exists() else []))
+        trained = arm.get("samples_from", name)  # a sampling-only arm samples another arm's run
+        run = a.work / f"run{list(ARMS).index(trained)}"
+        if trained == name:
+            sets = [x for s in [f"train.val_fraction={HELD_OUT}", *arm["sets"], *a.sets] for x in ("--set", s)]
+            step(f"train {name}", "train", "--dataset", "icbm-cohort", "--root", str(root), "--preset",
+                 arm["preset"], "--out", str(run), "--device", "cpu", *sets,
+                 *(["--resume"] if (run / "run.json").exists() else []))
         samples = a.work / f"samples{i}"
         step(f"synth {name}", "synth", "--run", str(run), "--count", str(a.samples), "--out", str(samples),
-             "--device", "cpu", "--overwrite")
+             "--device", "cpu", "--overwrite", *arm.get("synth", []))
         real = a.work / f"realism{i}.json"
         step(f"realism {name}", "eval", "--run", str(run), "--samples", str(samples), "--root", str(root),
              "--train", "icbm-cohort:train", "--json", str(real), "--overwrite", "--device", "cpu")
@@ -177,7 +186,9 @@ def main() -> None:
         if a.out and real.with_suffix(".png").is_file():  # samples beside their nearest real scans, 3 planes
             picture = a.out.parent / f"anatomy_{slug(name)}.png"
             shutil.copyfile(real.with_suffix(".png"), picture)
-        rows[name] = {"preset": arm["preset"], "sets": arm["sets"], "train_seconds": times[f"train {name}"],
+        rows[name] = {"preset": ARMS[trained]["preset"], "sets": ARMS[trained]["sets"],
+                      **({"samples_from": trained, "synth": arm["synth"]} if trained != name else {}),
+                      "train_seconds": times[f"train {trained}"],
                       **run_figures(run),
                       "synth_volumes_per_minute": round(60 * a.samples / times[f"synth {name}"], 1),
                       "samples": {k: r.get(k) for k in REALISM},
@@ -191,7 +202,8 @@ def main() -> None:
     table = {name: goals(r) for name, r in rows.items()}
     if control:
         table["control: training scans read as samples"] = {
-            k: v for k, v in goals(control).items() if not k.startswith(("reconstructions", "memorization", "synth"))}
+            k: v for k, v in goals(control).items()
+            if not any(w in k for w in ("reconstructions", "memorization", "synth"))}
     emit({"cohort": "deformed ICBM152 2009a T1, benchmarks/anatomy_cohort.py", "subjects": a.count,
           "held_out": round(a.count * HELD_OUT), "samples": a.samples, "arms": rows, "goals": table,
           "times": times}, a.out)
