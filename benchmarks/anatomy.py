@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.anatomy_cohort import write_cohort  # noqa: E402
 from benchmarks.common import cli, emit  # noqa: E402
 from benchmarks.realism import stage_seconds  # noqa: E402
+from benchmarks.report import pick  # noqa: E402
 
 HELD_OUT = 12 / 64  # val_fraction: 12 of the cohort's 64 subjects
 STAGE1_HEAVY = ["train.max_steps=800", "train.val_every=200", "train.ckpt_every=200", "prior.train.max_steps=240",
@@ -110,9 +111,8 @@ GOALS: list[tuple[str, Callable[[dict], float | None], Callable[[float], bool]]]
 
 
 def _at(row: dict, path: tuple[str, ...]) -> float | None:
-    for k in path:
-        row = row.get(k) if isinstance(row, dict) else None
-    return float(row) if isinstance(row, (int, float)) else None
+    v = pick(row, path)
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def _gap(row: dict, a: tuple[str, ...], b: tuple[str, ...], signed: bool = False) -> float | None:

@@ -1,5 +1,6 @@
-"""Shared fixtures: a real HTTP file server on 127.0.0.1, a fresh data root, and the tiny phantom and the
-tiny run trained on it (built once per pytest run, copied into each module that uses them)."""
+"""Shared fixtures: one intra-op thread, a real HTTP file server on 127.0.0.1, a fresh data root, and the
+tiny phantom and the tiny run trained on it (built once per pytest run, copied into each module that uses
+them)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import TINY, invoke
 from tests.httpserver import FileServer
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add synchronisation (and stall on a shared CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -97,7 +97,10 @@ def test_fills_only_the_readme_block_and_leaves_a_readme_without_markers(folders
 
     arm = {"samples": {"c2st_accuracy": 0.8125}, "controls": {"real_as_samples": {"c2st_accuracy": 0.6}}}
     (results / "anatomy_cpu_2cores.json").write_text(json.dumps({
-        "machine": "m1", "arms": {QUICK: arm, HOUR: {**arm, "samples": {"c2st_accuracy": 0.7}}}}))
+        "machine": "m1", "arms": {"quick": {**arm, "preset": QUICK, "sets": []},
+                                  "hour": {**arm, "preset": HOUR, "sets": [], "samples": {"c2st_accuracy": 0.7}},
+                                  "a lever": {**arm, "preset": QUICK, "sets": ["x=1"],
+                                              "samples": {"c2st_accuracy": 0.1}}}}))
     readme = out.parent / "README.md"
     plain = "# Title\n\nNo block here.\n"
     readme.write_text(plain)

@@ -13,13 +13,7 @@ from mrivq.utils.errors import MrivqError
 K = 7  # codebook size for the small models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (and stall on a shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(dims: int, **kw) -> GatedPixelCNN:

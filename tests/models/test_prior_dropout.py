@@ -17,12 +17,7 @@ K = 7
 SHAPE = (3, 4, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pixelcnn(dropout: float) -> GatedPixelCNN:
